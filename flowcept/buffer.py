@@ -1,0 +1,297 @@
+"""The in-process buffer: a bounded queue and one flusher thread that never hurts its host.
+
+Capture appends plain dicts to a ``deque`` (atomic under the GIL, no lock on the hot path).
+The flusher thread wakes on size or on ``flush_interval_s``, serialises the batch with orjson
+and hands it to the transport. ``flush()`` is also called by ``stop()``, at interpreter exit,
+by multiprocessing's exit hooks in forked children, and by the SIGTERM/SIGINT handlers (which
+then chain to the application's handler or behave as the signal would). Past ``max_pending``
+queued records the capturing thread drains the queue itself, so memory stays bounded and
+nothing is dropped. No method raises into user code: problems are counted and logged.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import sys
+import threading
+from collections import deque
+from typing import Any, Callable, Dict, List, Optional
+
+from flowcept import serialization
+
+logger = logging.getLogger(__name__)
+
+
+class RecordView:
+    """This run's records, kept in memory up to a cap, for ``get_buffer()``.
+
+    Filled by the flusher (never the capturing thread). Once a workflow passes the cap its
+    view is marked incomplete and ``get_buffer()`` reads the workflow's files instead.
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.size = 0
+        self.by_workflow: Dict[Optional[str], List[dict]] = {}
+        self.overflowed: set = set()
+
+    def add(self, workflow_id: Optional[str], records: List[dict]) -> None:
+        if workflow_id in self.overflowed:
+            return
+        if self.size + len(records) > self.cap:
+            self.overflowed.add(workflow_id)
+            self.size -= len(self.by_workflow.pop(workflow_id, ()))
+            return
+        self.by_workflow.setdefault(workflow_id, []).extend(records)
+        self.size += len(records)
+
+    def get(self, workflow_id: Optional[str]) -> Optional[List[dict]]:
+        """The records of a workflow, or None when the view overflowed for it."""
+        if workflow_id in self.overflowed:
+            return None
+        return list(self.by_workflow.get(workflow_id, ()))
+
+    def forget(self, workflow_id: Optional[str]) -> None:
+        self.size -= len(self.by_workflow.pop(workflow_id, ()))
+        self.overflowed.discard(workflow_id)
+
+
+class Pipeline:
+    """Process-wide buffer + flusher + transport. Use :func:`get_pipeline`."""
+
+    def __init__(self, transport: Any, flush_interval_s: float = 0.5, flush_size: int = 2000,
+                 max_pending: int = 200000, view_cap: int = 100000):
+        self.transport = transport
+        self.flush_interval_s = flush_interval_s
+        self.flush_size = max(1, flush_size)
+        self.max_pending = max(self.flush_size, max_pending)
+        self.queue: deque = deque()
+        self.view = RecordView(view_cap)
+        self.records_serialized = 0
+        self.flush_errors = 0
+        self._drain_lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.pid = os.getpid()
+        self._start_thread()
+
+    # -- hot path -----------------------------------------------------------------------------
+    def append(self, record: dict) -> None:
+        """Queue one record; called from any application thread."""
+        queue = self.queue
+        queue.append(record)
+        pending = len(queue)
+        if pending >= self.flush_size:
+            if pending >= self.max_pending:
+                self.drain()  # back-pressure: bounded memory, nothing dropped
+            else:
+                self._wake.set()
+
+    # -- flusher ------------------------------------------------------------------------------
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="flowcept-flusher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        wake, stopping = self._wake, self._stopping
+        while not stopping.is_set():
+            wake.wait(self.flush_interval_s)
+            wake.clear()
+            self.drain()
+
+    def drain(self) -> int:
+        """Serialise and hand over everything queued; returns the number of records moved."""
+        moved = 0
+        with self._drain_lock:
+            queue = self.queue
+            while queue:
+                batch = []
+                popleft = queue.popleft
+                try:
+                    for _ in range(min(len(queue), 50000)):
+                        batch.append(popleft())
+                except IndexError:  # pragma: no cover - only this lock's holder pops
+                    pass
+                moved += len(batch)
+                self._send(batch)
+        return moved
+
+    def _send(self, batch: List[dict]) -> None:
+        groups: Dict[Optional[str], List[dict]] = {}
+        for record in batch:
+            workflow_id = record.get("workflow_id")
+            group = groups.get(workflow_id)
+            if group is None:
+                groups[workflow_id] = group = []
+            group.append(record)
+        dumps_line = serialization.dumps_line
+        for workflow_id, records in groups.items():
+            try:
+                payload = b"".join([dumps_line(r) for r in records])
+                self.records_serialized += len(records)
+                self.transport.send(workflow_id, payload, len(records))
+                self.view.add(workflow_id, records)
+            except Exception:  # never into the application; count and log
+                self.flush_errors += 1
+                logger.exception("flowcept could not flush %d records", len(records))
+
+    def flush(self, durable: bool = False) -> None:
+        """Write everything queued now (called by stop(), at exit, on signals)."""
+        try:
+            self.drain()
+            self.transport.flush(durable=durable)
+        except Exception:
+            logger.exception("flowcept flush failed")
+
+    def close_workflow(self, workflow_id: Optional[str]) -> None:
+        try:
+            self.drain()
+            self.transport.close_workflow(workflow_id)
+        except Exception:
+            logger.exception("flowcept could not close the files of workflow %s", workflow_id)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the flusher, write what is left, close the transport; idempotent."""
+        self._stopping.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and thread.is_alive():
+            thread.join(timeout)
+        self.flush(durable=True)
+        try:
+            self.transport.close()
+        except Exception:
+            logger.exception("flowcept could not close its transport")
+
+    def counters(self) -> Dict[str, int]:
+        out = {"queued": len(self.queue), "serialized": self.records_serialized,
+               "flush_errors": self.flush_errors}
+        for name in ("records_written", "records_failed", "records_dropped", "records_spilled",
+                     "records_acked"):
+            value = getattr(self.transport, name, None)
+            if value is not None:
+                out[name.replace("records_", "")] = value
+        return out
+
+
+# -- the process-wide pipeline ------------------------------------------------------------------
+
+_pipeline: Optional[Pipeline] = None
+_pipeline_lock = threading.Lock()
+_factory: Optional[Callable[[], Pipeline]] = None
+
+
+def set_pipeline_factory(factory: Callable[[], Pipeline]) -> None:
+    """The controller tells the buffer how to build a pipeline from the current settings."""
+    global _factory
+    _factory = factory
+
+
+def get_pipeline(create: bool = True) -> Optional[Pipeline]:
+    global _pipeline
+    pipeline = _pipeline
+    if pipeline is not None and pipeline.pid == os.getpid():
+        return pipeline
+    if not create:
+        return None
+    with _pipeline_lock:
+        if _pipeline is None or _pipeline.pid != os.getpid():
+            if _factory is None:
+                raise RuntimeError("flowcept pipeline requested before Flowcept configured it")
+            _pipeline = _factory()
+            _install_exit_hooks()
+        return _pipeline
+
+
+def shutdown_pipeline() -> None:
+    """Flush and close the pipeline of this process, if it has one (idempotent)."""
+    global _pipeline
+    with _pipeline_lock:
+        pipeline, _pipeline = _pipeline, None
+    if pipeline is not None and pipeline.pid == os.getpid():
+        pipeline.shutdown()
+
+
+def flush_pipeline(durable: bool = False) -> None:
+    pipeline = get_pipeline(create=False)
+    if pipeline is not None:
+        pipeline.flush(durable=durable)
+
+
+def _after_fork_in_child() -> None:
+    """A child must never write the parent's queued records nor use its descriptors."""
+    global _pipeline, _exit_hooks_pid
+    old = _pipeline
+    _pipeline = None
+    _exit_hooks_pid = None
+    if old is not None:
+        abandon = getattr(old.transport, "abandon", None)
+        if abandon is not None:
+            abandon()
+        old.queue.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+# -- exit and signals ------------------------------------------------------------------------------
+
+_exit_hooks_pid: Optional[int] = None
+_previous_handlers: Dict[int, Any] = {}
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _install_exit_hooks() -> None:
+    """atexit always; multiprocessing's exit hook in children; signal handlers from the main thread."""
+    global _exit_hooks_pid
+    if _exit_hooks_pid == os.getpid():
+        return
+    _exit_hooks_pid = os.getpid()
+    atexit.register(shutdown_pipeline)
+    if "multiprocessing" in sys.modules:
+        # A forked multiprocessing child leaves through os._exit(): atexit never runs there.
+        try:
+            from multiprocessing import util
+
+            util.Finalize(None, shutdown_pipeline, exitpriority=100)
+        except Exception:  # pragma: no cover
+            pass
+    install_signal_handlers()
+
+
+def install_signal_handlers() -> None:
+    """Flush on SIGTERM/SIGINT, then chain to what the application installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in _HANDLED_SIGNALS:
+        try:
+            current = signal.getsignal(signum)
+            if current is _on_signal:
+                continue
+            _previous_handlers[signum] = current
+            signal.signal(signum, _on_signal)
+        except (ValueError, OSError):  # not the main interpreter/thread
+            pass
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    pipeline = get_pipeline(create=False)
+    if pipeline is not None:
+        pipeline.flush(durable=True)
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+        return
+    if previous == signal.SIG_IGN:
+        return
+    # Behave as the signal would have without us: default action, same signal.
+    if pipeline is not None:
+        try:
+            pipeline.transport.close()
+        except Exception:
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)

@@ -1,0 +1,64 @@
+"""The state capture reads on its hot path, and the current parent task.
+
+The controller (``Flowcept.start``/``stop``) replaces ``state`` wholesale; capture code reads
+one module global and a few attributes, nothing else. The parent task is a ``ContextVar`` so
+threads and asyncio tasks each see their own.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from typing import Any, Callable, Dict, Optional
+
+logger = logging.getLogger(__name__)
+
+current_task_id: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "flowcept_current_task_id", default=None
+)
+
+
+class RunState:
+    """A snapshot of the active run; immutable once published."""
+
+    __slots__ = ("capturing", "workflow_id", "campaign_id", "workflow_name", "append", "base",
+                 "telemetry", "settings")
+
+    def __init__(self, capturing: bool = False, workflow_id: Optional[str] = None,
+                 campaign_id: Optional[str] = None, workflow_name: Optional[str] = None,
+                 append: Optional[Callable[[dict], None]] = None, base: Optional[Dict[str, Any]] = None,
+                 telemetry: Any = None, settings: Any = None):
+        self.capturing = capturing
+        self.workflow_id = workflow_id
+        self.campaign_id = campaign_id
+        self.workflow_name = workflow_name
+        self.append = append or _not_started
+        self.base = base or {}
+        self.telemetry = telemetry  # None, or an object with .capture() -> dict
+        self.settings = settings
+
+
+_warned_not_started = False
+
+
+def _not_started(record: dict) -> None:
+    global _warned_not_started
+    if not _warned_not_started:
+        _warned_not_started = True
+        logger.warning("a task was captured outside any started Flowcept; it is not recorded "
+                       "(wrap the code in `with Flowcept(...):`)")
+
+
+IDLE = RunState()
+state: RunState = IDLE
+
+
+def publish(new_state: RunState) -> None:
+    """Make ``new_state`` what capture sees from now on."""
+    global state
+    state = new_state
+
+
+def emit(record: dict) -> None:
+    """Send a finished record through the active run (used by everything that is not a task)."""
+    state.append(record)

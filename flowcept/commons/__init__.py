@@ -1,0 +1,1 @@
+"""Compatibility paths of the reference package (``flowcept.commons.vocabulary.Status`` ...)."""

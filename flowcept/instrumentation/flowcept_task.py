@@ -1,0 +1,203 @@
+"""``@flowcept_task``: capture every call of a function (sync or ``async def``) as a task."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+from time import time
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+from flowcept import capture
+from flowcept.capture import current_task_id
+from flowcept.ids import id_factory
+from flowcept.instrumentation.task_capture import FlowceptTask, _error_text
+
+_ids = id_factory()
+
+__all__ = ["flowcept_task", "FlowceptTask", "default_args_handler"]
+
+
+def default_args_handler(*args: Any, **kwargs: Any) -> Dict[str, Any]:
+    """Name positional values ``arg_<i>`` (an argparse Namespace is expanded) and keep keywords."""
+    handled: Dict[str, Any] = {}
+    if args and isinstance(args[0], argparse.Namespace):
+        handled.update(vars(args[0]))
+        args = args[1:]
+    for index, value in enumerate(args):
+        handled[f"arg_{index}"] = value
+    handled.update(kwargs)
+    return handled
+
+
+def _make_binder(func: Callable) -> Callable[[tuple, dict], Dict[str, Any]]:
+    """Return a fast function mapping a call's (args, kwargs) to {parameter: value}.
+
+    Simple signatures (positional-or-keyword and keyword-only parameters) take a zip-based
+    path that costs a fraction of ``Signature.bind``; others use ``bind``. Defaults apply.
+    """
+    signature = inspect.signature(func)
+    params = list(signature.parameters.values())
+    simple = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+    names = tuple(p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD)
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+    if simple:
+        if defaults:
+            def bind(args: tuple, kwargs: dict) -> Dict[str, Any]:
+                used = dict(defaults)
+                used.update(zip(names, args))
+                if kwargs:
+                    used.update(kwargs)
+                if len(args) > len(names):
+                    raise TypeError(f"{func.__qualname__}() takes {len(names)} positional arguments "
+                                    f"but {len(args)} were given")
+                return used
+        else:
+            def bind(args: tuple, kwargs: dict) -> Dict[str, Any]:
+                used = dict(zip(names, args))
+                if kwargs:
+                    used.update(kwargs)
+                if len(args) > len(names):
+                    raise TypeError(f"{func.__qualname__}() takes {len(names)} positional arguments "
+                                    f"but {len(args)} were given")
+                return used
+        return bind
+
+    def bind_general(args: tuple, kwargs: dict) -> Dict[str, Any]:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return default_args_handler(*args, **kwargs)
+        bound.apply_defaults()
+        used = dict(bound.arguments)
+        for p in params:  # flatten **kwargs into the top level, as users expect
+            if p.kind == p.VAR_KEYWORD and isinstance(used.get(p.name), dict):
+                used.update(used.pop(p.name))
+        return used
+
+    return bind_general
+
+
+def _generated(result: Any, output_names: Union[None, str, Sequence[str]]) -> Optional[Dict[str, Any]]:
+    if result is None:
+        return None
+    if isinstance(result, dict):
+        return result
+    if output_names:
+        if isinstance(output_names, str):
+            return {output_names: result}
+        if isinstance(result, (tuple, list)) and len(output_names) == len(result):
+            return dict(zip(output_names, result))
+        if len(output_names) == 1:
+            return {output_names[0]: result}
+    return {"arg_0": result}
+
+
+def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> Callable:
+    """Decorate a function so each call is captured as a task.
+
+    Works bare (``@flowcept_task``) or with options (``@flowcept_task(output_names=["y"])``).
+    Options: ``activity_id`` (default: the function name), ``output_names``, ``subtype``,
+    ``tags``, ``custom_metadata``, ``args_handler`` (callable(*args, **kwargs) -> dict),
+    ``capture_telemetry``, ``agent_id``, ``source_agent_id``. Arguments are bound by parameter
+    name (positional ones too, defaults applied) into ``used``; the return value goes to
+    ``generated`` (a dict as is, else under ``output_names`` or ``arg_0``). An exception is
+    recorded (status ERROR, error text in ``stderr``) and re-raised. Nested calls get
+    ``parent_task_id``. An argument named ``workflow_id`` or ``campaign_id`` sets the task's.
+    """
+
+    def decorate(function: Callable) -> Callable:
+        activity_id = decorator_kwargs.get("activity_id") or function.__name__
+        output_names = decorator_kwargs.get("output_names")
+        args_handler = decorator_kwargs.get("args_handler")
+        capture_telemetry = decorator_kwargs.get("capture_telemetry")
+        extra = {k: decorator_kwargs[k] for k in ("subtype", "tags", "custom_metadata", "agent_id",
+                                                   "source_agent_id") if decorator_kwargs.get(k) is not None}
+        bind = _make_binder(function)
+
+        def begin(args: tuple, kwargs: dict):
+            run = capture.state
+            if not run.capturing:
+                return None, None
+            if args_handler is not None:
+                used = args_handler(*args, **kwargs)
+            else:
+                used = bind(args, kwargs)
+            task_id = _ids.prefix + str(next(_ids.counter))
+            record = {
+                "type": "task",
+                "task_id": task_id,
+                "workflow_id": used.pop("workflow_id", None) or run.workflow_id
+                if "workflow_id" in used else run.workflow_id,
+                "campaign_id": used.pop("campaign_id", None) or run.campaign_id
+                if "campaign_id" in used else run.campaign_id,
+                "activity_id": activity_id,
+                "started_at": time(),
+                "parent_task_id": current_task_id.get(),
+                "used": used,
+                **run.base,
+            }
+            if extra:
+                record.update(extra)
+            telemetry = run.telemetry if capture_telemetry is None or capture_telemetry else None
+            if capture_telemetry and telemetry is None:
+                from flowcept.telemetry import ensure_capture
+
+                telemetry = ensure_capture()
+            if telemetry is not None:
+                record["telemetry_at_start"] = telemetry.capture()
+            return record, (current_task_id.set(task_id), telemetry)
+
+        def finish(record: dict, token_and_telemetry: Any, result: Any, error: Optional[BaseException]) -> None:
+            token, telemetry = token_and_telemetry
+            try:
+                current_task_id.reset(token)
+            except ValueError:
+                pass
+            record["ended_at"] = time()
+            if error is None:
+                record["status"] = "FINISHED"
+                generated = _generated(result, output_names)
+                if generated is not None:
+                    record["generated"] = generated
+            else:
+                record["status"] = "ERROR"
+                record["stderr"] = _error_text(type(error), error)
+            if telemetry is not None:
+                record["telemetry_at_end"] = telemetry.capture()
+            capture.state.append(record)
+
+        if inspect.iscoroutinefunction(function):
+            @functools.wraps(function)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                record, token = begin(args, kwargs)
+                if record is None:
+                    return await function(*args, **kwargs)
+                try:
+                    result = await function(*args, **kwargs)
+                except BaseException as error:
+                    finish(record, token, None, error)
+                    raise
+                finish(record, token, result, None)
+                return result
+
+            return async_wrapper
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            record, token = begin(args, kwargs)
+            if record is None:
+                return function(*args, **kwargs)
+            try:
+                result = function(*args, **kwargs)
+            except BaseException as error:
+                finish(record, token, None, error)
+                raise
+            finish(record, token, result, None)
+            return result
+
+        return wrapper
+
+    if func is not None and callable(func):
+        return decorate(func)
+    return decorate

@@ -1,0 +1,1 @@
+"""Reports: provenance card, PDF report, PROV-JSON export, live node view."""

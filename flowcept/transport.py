@@ -1,0 +1,213 @@
+"""Where flushed batches go: the per-process JSONL file (offline default and fallback).
+
+A transport takes JSONL payloads (whole lines, newline-terminated) per workflow. The file
+transport appends them with ``os.write`` on an ``O_APPEND`` descriptor: no Python-level
+buffering, so a signal handler that flushes in the middle of another flush cannot corrupt
+a line, and a killed process leaves only whole batches plus at most one torn last line.
+The daemon link (``flowcept.daemon_link``) has the same interface and falls back to this one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import threading
+from typing import Dict, List, Optional, Protocol, Tuple
+
+logger = logging.getLogger(__name__)
+
+
+def hold_writer_lock(fd: int) -> None:
+    """Hold a shared flock while writing: consolidation never deletes a file a live writer holds."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # filesystems without flock: nothing to protect with
+        pass
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_RETRY_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+def safe_name(text: str) -> str:
+    """Make an id usable inside a file name (ids with '/' or spaces stay distinct enough)."""
+    return _UNSAFE.sub("-", text)
+
+
+def split_base_path(base_path: str) -> Tuple[str, str, str]:
+    """Return (directory, stem, suffix) of the configured buffer path."""
+    directory, name = os.path.split(os.path.abspath(base_path))
+    stem, suffix = os.path.splitext(name)
+    return directory, stem, suffix or ".jsonl"
+
+
+def process_file_path(base_path: str, workflow_id: Optional[str], hostname: str, pid: int) -> str:
+    """``<dir>/<stem>_<workflow_id>_<host>_<pid>.jsonl``: one file per process and workflow."""
+    directory, stem, suffix = split_base_path(base_path)
+    wf = safe_name(workflow_id) if workflow_id else "no-workflow"
+    return os.path.join(directory, f"{stem}_{wf}_{safe_name(hostname)}_{pid}{suffix}")
+
+
+class Transport(Protocol):
+    """What the flusher hands batches to."""
+
+    def send(self, workflow_id: Optional[str], payload: bytes, count: int) -> None:
+        """Deliver ``count`` records (JSONL ``payload``) of one workflow; never raises."""
+
+    def flush(self, durable: bool = False) -> None:
+        """Make delivered records visible (and durable when asked)."""
+
+    def close_workflow(self, workflow_id: Optional[str]) -> None:
+        """The workflow's run ended in this process: flush and release its resources."""
+
+    def close(self) -> None:
+        """Release everything; idempotent."""
+
+
+class FileTransport:
+    """Append batches to per-process, per-workflow JSONL files."""
+
+    def __init__(self, base_path: str, hostname: str, fsync: str = "stop"):
+        self.base_path = base_path
+        self.hostname = hostname
+        self.fsync_policy = fsync
+        self.pid = os.getpid()
+        self._fds: Dict[Optional[str], int] = {}
+        self._paths: Dict[Optional[str], str] = {}
+        self._pending: List[Tuple[Optional[str], bytes, int]] = []  # payloads a failed write kept
+        self._pending_bytes = 0
+        self._lock = threading.RLock()
+        self.records_written = 0
+        self.records_failed = 0
+        self.records_dropped = 0
+        self._error_logged = False
+
+    def path_for(self, workflow_id: Optional[str]) -> str:
+        path = self._paths.get(workflow_id)
+        if path is None:
+            path = process_file_path(self.base_path, workflow_id, self.hostname, self.pid)
+            self._paths[workflow_id] = path
+        return path
+
+    def paths(self) -> List[str]:
+        return list(self._paths.values())
+
+    def _fd(self, workflow_id: Optional[str]) -> int:
+        fd = self._fds.get(workflow_id)
+        if fd is None:
+            path = self.path_for(workflow_id)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o644)
+            hold_writer_lock(fd)
+            self._fds[workflow_id] = fd
+        return fd
+
+    def _write(self, workflow_id: Optional[str], payload: bytes) -> None:
+        fd = self._fd(workflow_id)
+        view = memoryview(payload)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+    def send(self, workflow_id: Optional[str], payload: bytes, count: int) -> None:
+        with self._lock:
+            if self._pending:
+                self._retry_pending()
+            try:
+                self._write(workflow_id, payload)
+                self.records_written += count
+                if self.fsync_policy == "flush":
+                    os.fsync(self._fds[workflow_id])
+            except OSError as error:
+                self._keep(workflow_id, payload, count, error)
+
+    def _keep(self, workflow_id: Optional[str], payload: bytes, count: int, error: OSError) -> None:
+        """A write failed (full disk, quota, vanished directory): keep the batch for a retry."""
+        self.records_failed += count
+        if not self._error_logged:
+            reason = "disk full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else str(error)
+            logger.error("cannot write provenance to %s (%s); keeping records in memory and retrying",
+                         self.path_for(workflow_id), reason)
+            self._error_logged = True
+        if self._pending_bytes + len(payload) > _RETRY_LIMIT_BYTES:
+            self.records_dropped += count
+            logger.error("retry buffer full: dropped %d records (%d dropped in total)", count,
+                         self.records_dropped)
+            return
+        self._pending.append((workflow_id, payload, count))
+        self._pending_bytes += len(payload)
+
+    def _retry_pending(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for index, (workflow_id, payload, count) in enumerate(pending):
+            try:
+                self._write(workflow_id, payload)
+            except OSError:
+                self._pending = pending[index:]
+                self._pending_bytes = sum(len(p) for _, p, _ in self._pending)
+                return
+            self.records_failed -= count
+            self.records_written += count
+        if self._error_logged:
+            logger.warning("provenance writes recovered")
+            self._error_logged = False
+
+    def flush(self, durable: bool = False) -> None:
+        with self._lock:
+            if self._pending:
+                self._retry_pending()
+            if durable or self.fsync_policy == "flush":
+                for fd in self._fds.values():
+                    try:
+                        os.fsync(fd)
+                    except OSError:
+                        pass
+
+    def close_workflow(self, workflow_id: Optional[str]) -> None:
+        with self._lock:
+            if self._pending:
+                self._retry_pending()
+            fd = self._fds.pop(workflow_id, None)
+            if fd is not None:
+                try:
+                    if self.fsync_policy != "never":
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for workflow_id in list(self._fds):
+                self.close_workflow(workflow_id)
+
+    def abandon(self) -> None:
+        """Forget descriptors inherited through fork without touching the parent's files."""
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+        self._paths.clear()
+        self._pending.clear()
+        self._pending_bytes = 0
+
+
+class MemoryOnlyTransport:
+    """project.dump_buffer.enabled: false and no daemon: records live only in get_buffer()'s view."""
+
+    records_written = 0
+
+    def send(self, workflow_id: Optional[str], payload: bytes, count: int) -> None:
+        self.records_written += count
+
+    def flush(self, durable: bool = False) -> None:
+        pass
+
+    def close_workflow(self, workflow_id: Optional[str]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,39 @@
+"""Capture N tasks, tell the parent through a ready file, then wait to be signalled.
+
+argv: workflow_id n ready_file mode, where mode is `plain` (default handlers) or `own`
+(the application installs its own SIGTERM/SIGINT handler, which writes <ready_file>.handler and
+exits with code 7).
+"""
+
+import os
+import signal
+import sys
+
+from flowcept import Flowcept, FlowceptTask
+
+
+def main() -> None:
+    workflow_id, n, ready, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if mode == "own":
+        def handler(signum, frame):
+            with open(ready + ".handler", "w") as out:
+                out.write(str(signum))
+            sys.exit(7)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+    signal.alarm(60)  # never outlive a test that forgot us
+    flowcept = Flowcept(workflow_id=workflow_id, workflow_name="signals").start()
+    for i in range(n):
+        FlowceptTask(activity_id="step", used={"i": i}, generated={"sq": i * i})
+    tmp = ready + ".tmp"
+    with open(tmp, "w") as out:
+        out.write(str(os.getpid()))
+    os.replace(tmp, ready)
+    while True:
+        signal.pause()
+    flowcept.stop()  # unreachable: the signal ends the process
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,9 @@ import orjson
 import pytest
 
 APPS = Path(__file__).parent / "apps"
+# pytest runs with --import-mode=importlib: make `from conftest import wait_for` work in test files.
+if str(APPS.parent) not in sys.path:
+    sys.path.insert(0, str(APPS.parent))
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,234 @@
+"""FlowceptTask: arguments, auto-finalising, end/send/getters, the context manager and errors."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+from conftest import tasks_of
+
+from flowcept import Flowcept, FlowceptTask
+from flowcept.records import Status
+
+
+def _one(records, activity_id):
+    found = [r for r in records if r.get("activity_id") == activity_id]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_all_arguments_recorded():
+    with Flowcept(workflow_name="cap") as flowcept:
+        task = FlowceptTask(task_id="my-task", workflow_id=None, campaign_id=None, activity_id="all",
+                            agent_id="ag", source_agent_id="src", parent_task_id="p0", used={"x": 1},
+                            data={"blob": [1, 2]}, subtype="st", hostname="h-override", tags=["a", "b"],
+                            adapter_id="ad", custom_metadata={"m": 1}, started_at=100.0)
+        assert task.get_id() == "my-task"
+        assert task.get_workflow_id() == flowcept.current_workflow_id
+        assert task.get_campaign_id() == flowcept.campaign_id
+        assert task.get_agent_id() == "ag"
+        task.end(generated={"y": 2}, stdout="out", data={"more": 1}, custom_metadata={"n": 2})
+        records = flowcept.get_buffer()
+    rec = _one(records, "all")
+    assert rec["type"] == "task" and rec["task_id"] == "my-task"
+    assert rec["workflow_id"] == flowcept.current_workflow_id and rec["campaign_id"] == flowcept.campaign_id
+    assert rec["agent_id"] == "ag" and rec["source_agent_id"] == "src" and rec["parent_task_id"] == "p0"
+    assert rec["used"] == {"x": 1} and rec["generated"] == {"y": 2} and rec["data"] == {"more": 1}
+    assert rec["subtype"] == "st" and rec["hostname"] == "h-override" and rec["tags"] == ["a", "b"]
+    assert rec["adapter_id"] == "ad" and rec["custom_metadata"] == {"m": 1, "n": 2}
+    assert rec["started_at"] == 100.0 and rec["ended_at"] >= rec["started_at"]
+    assert rec["status"] == "FINISHED" and rec["stdout"] == "out"
+    assert rec["pid"] and "node_name" in rec
+
+
+@pytest.mark.parametrize("outcome", [{"generated": {"a": 1}}, {"ended_at": 5.0}, {"stdout": "o"},
+                                     {"stderr": "e"}, {"status": Status.ERROR}])
+def test_outcome_argument_finalises(outcome):
+    with Flowcept() as flowcept:
+        task = FlowceptTask(activity_id="auto", used={"i": 1}, **outcome)
+        assert task.ended
+        task.end(generated={"later": True})  # ignored: already ended
+        records = flowcept.get_buffer()
+    rec = _one(records, "auto")
+    expected_status = "ERROR" if outcome.get("status") is Status.ERROR else "FINISHED"
+    assert rec["status"] == expected_status
+    for key, value in outcome.items():
+        if key != "status":
+            assert rec[key] == value
+    assert "later" not in (rec.get("generated") or {})
+
+
+def test_send_and_end_once():
+    with Flowcept() as flowcept:
+        task = FlowceptTask(activity_id="sent", used={"a": 1})
+        assert not task.ended
+        task.send()
+        task.send()
+        task.end(status=Status.ERROR)
+        records = flowcept.get_buffer()
+    assert _one(records, "sent")["status"] == "FINISHED"
+
+
+def test_context_manager_success_and_parenting():
+    with Flowcept() as flowcept:
+        with FlowceptTask(activity_id="outer") as outer:
+            with FlowceptTask(activity_id="inner") as inner:
+                inner.end(generated={"v": 1})
+            assert inner.get_parent_task_id() == outer.get_id()
+        with FlowceptTask(activity_id="after"):
+            pass
+        records = flowcept.get_buffer()
+    assert _one(records, "inner")["parent_task_id"] == _one(records, "outer")["task_id"]
+    assert _one(records, "outer")["status"] == "FINISHED"
+    assert _one(records, "after").get("parent_task_id") is None
+
+
+def test_context_manager_error_recorded_and_reraised():
+    with Flowcept() as flowcept:
+        with pytest.raises(ZeroDivisionError):
+            with FlowceptTask(activity_id="boom", used={"x": 0}):
+                1 / 0  # noqa: B018
+        records = flowcept.get_buffer()
+    rec = _one(records, "boom")
+    assert rec["status"] == "ERROR"
+    assert "ZeroDivisionError" in rec["stderr"] and "division by zero" in rec["stderr"]
+
+
+def test_explicit_end_inside_block_keeps_user_status():
+    with Flowcept() as flowcept:
+        with pytest.raises(RuntimeError):
+            with FlowceptTask(activity_id="kept") as task:
+                task.end(status=Status.FINISHED, generated={"ok": True})
+                raise RuntimeError("after end")
+        records = flowcept.get_buffer()
+    assert _one(records, "kept")["status"] == "FINISHED"
+
+
+def test_no_op_outside_a_run():
+    task = FlowceptTask(activity_id="orphan", used={"a": 1})
+    task.end(generated={"b": 2})
+    assert task.get_id() is None
+    with FlowceptTask(activity_id="orphan2") as t:
+        assert t.get_id() is None
+
+
+def test_instrumentation_disabled(monkeypatch):
+    monkeypatch.setenv("FLOWCEPT_INSTRUMENTATION_ENABLED", "false")
+    with Flowcept() as flowcept:
+        FlowceptTask(activity_id="off", generated={"a": 1})
+        records = flowcept.get_buffer()
+    assert not tasks_of(records)
+
+
+def test_threads_get_unique_ids_and_own_parents():
+    n_threads, per_thread = 4, 200
+
+    def work(k):
+        with FlowceptTask(activity_id=f"thread_{k}") as parent:
+            for i in range(per_thread):
+                with FlowceptTask(activity_id="child", used={"k": k, "i": i}) as child:
+                    assert child.get_parent_task_id() == parent.get_id()
+
+    with Flowcept() as flowcept:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        records = flowcept.get_buffer()
+    tasks = tasks_of(records)
+    ids = [r["task_id"] for r in tasks]
+    assert len(ids) == len(set(ids)) == n_threads * (per_thread + 1)
+    parents = {r["activity_id"]: r["task_id"] for r in tasks if r["activity_id"].startswith("thread_")}
+    for r in tasks:
+        if r["activity_id"] == "child":
+            assert r["parent_task_id"] == parents[f"thread_{r['used']['k']}"]
+
+
+def test_nested_and_sequential_flowcept_blocks():
+    with Flowcept(workflow_name="outer") as outer:
+        FlowceptTask(activity_id="o1", generated={"a": 1})
+        with Flowcept(workflow_name="inner") as inner:
+            assert Flowcept.current_workflow_id == inner.current_workflow_id
+            FlowceptTask(activity_id="i1", generated={"a": 1})
+        assert Flowcept.current_workflow_id == outer.current_workflow_id
+        FlowceptTask(activity_id="o2", generated={"a": 1})
+    with Flowcept(workflow_name="seq") as seq:
+        FlowceptTask(activity_id="s1", generated={"a": 1})
+    assert len({outer.current_workflow_id, inner.current_workflow_id, seq.current_workflow_id}) == 3
+    assert Flowcept.current_workflow_id == seq.current_workflow_id  # readable after stop()
+
+    def activities(flowcept, **kw):
+        records = Flowcept.read_buffer_file(workflow_id=flowcept.current_workflow_id, **kw)
+        assert all(r.get("workflow_id") == flowcept.current_workflow_id for r in records)
+        assert [r for r in records if r["type"] == "workflow"], "workflow record missing"
+        return sorted(r["activity_id"] for r in tasks_of(records))
+
+    assert activities(outer) == ["o1", "o2"]
+    assert activities(inner) == ["i1"]
+    assert activities(seq) == ["s1"]
+    assert sorted(r["activity_id"] for r in tasks_of(outer.get_buffer())) == ["o1", "o2"]
+    assert sorted(r["activity_id"] for r in tasks_of(inner.get_buffer())) == ["i1"]
+
+
+def test_get_buffer_dataframe_and_dump(buffer_base, flowcept_tmp):
+    pytest.importorskip("pandas")
+    with Flowcept() as flowcept:
+        FlowceptTask(activity_id="df", used={"n": 1}, generated={"attention": [0.1, 0.9]})
+        df = flowcept.get_buffer(return_df=True)
+    assert "generated.attention" in df.columns and "used.n" in df.columns
+    target = flowcept_tmp / "dumped.jsonl"
+    flowcept.dump_buffer(str(target))
+    dumped = Flowcept.read_buffer_file(str(target))
+    assert [r["activity_id"] for r in tasks_of(dumped)] == ["df"]
+    df2 = Flowcept.read_buffer_file(str(target), return_df=True, normalize_df=True)
+    assert "generated.attention" in df2.columns
+    import flowcept as pkg
+
+    pkg.dump_buffer(str(flowcept_tmp / "again.jsonl"))  # module-level alias after stop()
+    assert tasks_of(Flowcept.read_buffer_file(str(flowcept_tmp / "again.jsonl")))
+
+
+def test_delete_buffer_file(flowcept_tmp):
+    target = flowcept_tmp / "x.jsonl"
+    target.write_text("{}\n")
+    Flowcept.delete_buffer_file(str(target))
+    assert not target.exists()
+    Flowcept.delete_buffer_file(str(target))  # missing: no error
+
+
+def test_start_consumption_services_is_harmless():
+    Flowcept.start_consumption_services()
+    with pytest.raises(NotImplementedError):
+        Flowcept.start_consumption_services(consumers=["a", "b"])
+
+
+def test_unwritable_buffer_path_never_raises_into_user_code(flowcept_tmp, monkeypatch, caplog):
+    blocker = flowcept_tmp / "not_a_dir"
+    blocker.write_text("a file where a directory should be")
+    monkeypatch.setenv("FLOWCEPT_PROJECT_DUMP_BUFFER_PATH", str(blocker / "sub" / "buf.jsonl"))
+    monkeypatch.setenv("FLOWCEPT_LOG_LOG_STREAM_LEVEL", "error")
+    with Flowcept() as flowcept:
+        for i in range(10):
+            with FlowceptTask(activity_id="lost?", used={"i": i}) as task:
+                task.end(generated={"i": i})
+        from flowcept.buffer import get_pipeline
+
+        pipeline = get_pipeline(create=False)
+        pipeline.flush()
+        counters = pipeline.counters()
+    assert counters.get("failed", 0) + counters.get("dropped", 0) >= 10, counters
+    # The records are still in this run's in-memory view.
+    assert len(tasks_of(flowcept.get_buffer())) == 10
+
+
+def test_error_text_reaches_stderr_for_base_exceptions():
+    with Flowcept() as flowcept:
+        with pytest.raises(KeyboardInterrupt):
+            with FlowceptTask(activity_id="kbd"):
+                raise KeyboardInterrupt
+        records = flowcept.get_buffer()
+    rec = _one(records, "kbd")
+    assert rec["status"] == "ERROR" and "KeyboardInterrupt" in rec["stderr"]
+    assert sys.exc_info() == (None, None, None)

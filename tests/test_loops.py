@@ -1,0 +1,122 @@
+"""FlowceptLoop and FlowceptLightweightLoop: every iteration recorded, whatever ends the loop."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tasks_of
+
+from flowcept import Flowcept, FlowceptTask
+from flowcept.instrumentation.flowcept_loop import FlowceptLightweightLoop, FlowceptLoop
+
+LOOPS = [FlowceptLoop, FlowceptLightweightLoop]
+
+
+def split(records, loop_name="loop"):
+    tasks = tasks_of(records)
+    loops = [r for r in tasks if r.get("subtype") == "loop" and r["activity_id"] == loop_name]
+    iterations = [r for r in tasks if r.get("activity_id") == f"{loop_name}_iteration"]
+    return loops, iterations
+
+
+@pytest.mark.parametrize("cls", LOOPS)
+@pytest.mark.parametrize("items", [[10, 20, 30], 3, "iterator"])
+def test_every_iteration_recorded(cls, items):
+    kwargs = {}
+    if items == "iterator":
+        items = iter(["a", "b", "c"])
+        kwargs["items_length"] = 3
+    with Flowcept() as fc:
+        loop = cls(items, loop_name="epochs", item_name="epoch", **kwargs)
+        assert len(loop) == 3
+        seen = []
+        ids = []
+        for item in loop:
+            seen.append(item)
+            ids.append(loop.get_current_iteration_id())
+            loop.end_iter({"loss": len(seen)})
+        assert loop.get_current_iteration_id() is None
+        records = fc.get_buffer()
+    loops, iterations = split(records, "epochs")
+    assert len(loops) == 1 and len(iterations) == 3
+    assert [r["used"]["epoch"] for r in iterations] == seen
+    assert [r["used"]["i"] for r in iterations] == [0, 1, 2]
+    assert [r["task_id"] for r in iterations] == ids and len(set(ids)) == 3
+    assert [r["generated"] for r in iterations] == [{"loss": 1}, {"loss": 2}, {"loss": 3}]
+    assert all(r["group_id"] == loops[0]["task_id"] and r["status"] == "FINISHED" for r in iterations)
+    assert all(r["type"] == "task" and r["workflow_id"] == fc.current_workflow_id for r in iterations)
+    assert loops[0]["generated"]["iterations"] == 3 and loops[0]["status"] == "FINISHED"
+
+
+@pytest.mark.parametrize("cls", LOOPS)
+def test_break_records_every_started_iteration(cls):
+    with Flowcept() as fc:
+        for item in cls(range(100), loop_name="brk"):
+            if item == 4:
+                break
+        records = fc.get_buffer()
+    loops, iterations = split(records, "brk")
+    assert sorted(r["used"]["i"] for r in iterations) == [0, 1, 2, 3, 4]
+    assert len(loops) == 1 and loops[0]["generated"]["iterations"] == 5
+
+
+@pytest.mark.parametrize("cls", LOOPS)
+def test_exception_inside_loop_body(cls):
+    with Flowcept() as fc:
+        with pytest.raises(RuntimeError):
+            for item in cls([1, 2, 3], loop_name="err"):
+                if item == 2:
+                    raise RuntimeError("in body")
+        records = fc.get_buffer()
+    loops, iterations = split(records, "err")
+    assert [r["used"]["item"] for r in sorted(iterations, key=lambda r: r["used"]["i"])] == [1, 2]
+    assert len(loops) == 1
+
+
+@pytest.mark.parametrize("cls", LOOPS)
+def test_exception_from_the_iterable(cls):
+    def gen():
+        yield 1
+        raise OSError("source broke")
+
+    with Flowcept() as fc:
+        with pytest.raises(OSError):
+            for _ in cls(gen(), loop_name="src", items_length=2):
+                pass
+        records = fc.get_buffer()
+    loops, iterations = split(records, "src")
+    assert len(loops) == 1 and loops[0]["status"] == "ERROR"
+    assert any(r["used"]["i"] == 0 and r["status"] == "FINISHED" for r in iterations)
+
+
+@pytest.mark.parametrize("cls", LOOPS)
+def test_loop_inside_task_gets_parent_and_disabled_capture(cls):
+    with Flowcept() as fc:
+        with FlowceptTask(activity_id="train") as parent:
+            for _ in cls(2, loop_name="inner"):
+                pass
+        out = list(cls([1, 2], loop_name="off", capture_enabled=False))
+        records = fc.get_buffer()
+    loops, iterations = split(records, "inner")
+    assert loops[0]["parent_task_id"] == parent.get_id()
+    assert out == [1, 2] and split(records, "off") == ([], [])
+
+
+def test_loop_outside_a_run_is_a_plain_iterator():
+    assert list(FlowceptLoop([1, 2])) == [1, 2]
+    assert list(FlowceptLightweightLoop(range(3))) == [0, 1, 2]
+
+
+def test_bad_items_type():
+    with pytest.raises(TypeError):
+        FlowceptLoop(3.5)
+
+
+def test_next_protocol():
+    with Flowcept() as fc:
+        loop = FlowceptLoop([7, 8])
+        assert next(loop) == 7
+        assert next(loop) == 8
+        with pytest.raises(StopIteration):
+            next(loop)
+        records = fc.get_buffer()
+    assert len(split(records)[1]) == 2

@@ -403,7 +403,7 @@ class Flowcept:
         consolidated file if present, else its per-process files merged in memory, else the
         base path itself. A torn or corrupt line is skipped and reported.
         """
-        settings = Flowcept._settings or load_settings()
+        settings = _current_settings()
         base = settings["project.dump_buffer.path"]
         workflow_id = workflow_id or Flowcept.current_workflow_id
         records: Optional[List[dict]] = None
@@ -441,7 +441,7 @@ class Flowcept:
     def delete_buffer_file(path: Optional[str] = None) -> None:
         """Delete the buffer file at ``path`` (default: project.dump_buffer.path) if it exists."""
         if path is None:
-            path = (Flowcept._settings or load_settings())["project.dump_buffer.path"]
+            path = (_current_settings())["project.dump_buffer.path"]
         try:
             os.remove(path)
             logger.info("buffer file %s removed", path)
@@ -455,7 +455,7 @@ class Flowcept:
 
         With the embedded default (files only) there is nothing to be down, so it is True.
         """
-        settings = Flowcept._settings or load_settings()
+        settings = _current_settings()
         alive = True
         address = settings["daemon.address"]
         if address:
@@ -485,7 +485,7 @@ class Flowcept:
         """
         if consumers is not None and len(consumers) > 1:
             raise NotImplementedError("only one consumer type is supported")
-        settings = Flowcept._settings or load_settings()
+        settings = _current_settings()
         Flowcept._settings = settings
         set_pipeline_factory(lambda: _build_pipeline(settings))
         get_pipeline()
@@ -506,6 +506,14 @@ class Flowcept:
     @staticmethod
     def get_current_instance() -> Optional["Flowcept"]:
         return Flowcept._active[-1] if Flowcept._active else None
+
+
+def _current_settings() -> Settings:
+    """The active run's settings, else read afresh (a finished run's may be stale: env changed)."""
+    active = Flowcept._active
+    if active and active[-1].settings is not None:
+        return active[-1].settings
+    return load_settings()
 
 
 def _consolidate_into(base: str, workflow_id: str, cleanup_files: bool) -> Any:

@@ -4,7 +4,8 @@ Utilisation is computed from the difference of two ``cpu_times`` readings owned 
 sampler (never psutil's module-global ``cpu_percent`` state, which other code shares), over at
 least ``min_interval_s``. The first reading is taken when the sampler is built; if ``sample()``
 comes sooner than ``min_interval_s`` after it, the sampler waits out the remainder once, so the
-meaningless first 0.0 is never reported. Later calls closer together than ``min_interval_s``
+meaningless first 0.0 is never reported (with ``wait_first=False`` the first value is None
+instead, for callers that must not block). Later calls closer together than ``min_interval_s``
 repeat the last measured value instead of dividing by a tiny interval.
 """
 
@@ -47,10 +48,12 @@ class CpuSampler:
 
     name = "cpu"
 
-    def __init__(self, psutil: Any = None, per_cpu: bool = False, min_interval_s: float = 0.1):
+    def __init__(self, psutil: Any = None, per_cpu: bool = False, min_interval_s: float = 0.1,
+                 wait_first: bool = True):
         self._ps = psutil or default_psutil()
         self.per_cpu = per_cpu
         self.min_interval_s = min_interval_s
+        self.wait_first = wait_first
         self._guard = FieldGuard("cpu")
         self._last_at = time.monotonic()
         self._last_times = self._guard.call("cpu_times", self._ps.cpu_times)
@@ -62,7 +65,7 @@ class CpuSampler:
 
     def _update_percent(self, times: Any) -> None:
         now = time.monotonic()
-        if self._percent is None and now - self._last_at < self.min_interval_s:
+        if self.wait_first and self._percent is None and now - self._last_at < self.min_interval_s:
             time.sleep(self.min_interval_s - (now - self._last_at))  # once: a measured first value
             times = self._guard.call("cpu_times", self._ps.cpu_times)
             now = time.monotonic()

@@ -4,7 +4,8 @@ CPU% is the change of the process's user+system CPU time divided by the wall tim
 samples of this sampler (100% is one core busy; a process using four cores reads 400%). The
 first reading is taken when the sampler is built, and a call closer than ``min_interval_s`` to
 the previous measurement repeats the last value; the very first ``sample()`` waits out the
-remainder of ``min_interval_s`` once, so a busy process never reads 0.
+remainder of ``min_interval_s`` once, so a busy process never reads 0 (with ``wait_first=False``
+the first value is None instead).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ class ProcessSampler:
 
     name = "process"
 
-    def __init__(self, pid: Optional[int] = None, psutil: Any = None, min_interval_s: float = 0.1):
+    def __init__(self, pid: Optional[int] = None, psutil: Any = None, min_interval_s: float = 0.1,
+                 wait_first: bool = True):
         self._ps = psutil or default_psutil()
         self.pid = os.getpid() if pid is None else pid
         self.min_interval_s = min_interval_s
+        self.wait_first = wait_first
         self._guard = FieldGuard(f"process {self.pid}")
         self._process = self._ps.Process(self.pid)  # raises NoSuchProcess for a bad pid, by design
         self._last_cpu = self._cpu_seconds()
@@ -41,7 +44,7 @@ class ProcessSampler:
 
     def _update_percent(self, cpu: Optional[float]) -> None:
         now = time.monotonic()
-        if self._percent is None and now - self._last_at < self.min_interval_s:
+        if self.wait_first and self._percent is None and now - self._last_at < self.min_interval_s:
             time.sleep(self.min_interval_s - (now - self._last_at))
             cpu = self._cpu_seconds()
             now = time.monotonic()

@@ -19,6 +19,7 @@ def build_capture(settings: Any) -> Optional[Any]:
 
 
 def ensure_capture() -> Any:
+    """A shared capture (CPU, memory, this process) for tasks that ask for telemetry explicitly."""
     from flowcept.telemetry.capture import ensure_capture as _ensure
 
     return _ensure()

@@ -36,7 +36,7 @@ def import_amdsmi() -> Any:
 
 
 def _number(value: Any) -> Optional[float]:
-    """amdsmi reports unavailable values as the string "N/A"."""
+    """A number, or None for the "N/A" string amdsmi reports for unavailable values."""
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 logger = logging.getLogger("flowcept.telemetry")
 
-_live: "weakref.WeakSet[TelemetryCapture]" = weakref.WeakSet()
+_live: weakref.WeakSet[TelemetryCapture] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -120,7 +120,7 @@ class TelemetryCapture:
         return self._snapshot
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self) -> "TelemetryCapture":
+    def start(self) -> TelemetryCapture:
         """Take a first snapshot and start the refresh/emit thread where needed."""
         if self.mode == "cached":
             self._snapshot = self._sample_now()

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 class RecordView:
-    """This run's records, kept in memory up to a cap, for ``get_buffer()``.
+    """The records of this run, kept in memory up to a cap, for ``get_buffer()``.
 
     Filled by the flusher (never the capturing thread). Once a workflow passes the cap its
     view is marked incomplete and ``get_buffer()`` reads the workflow's files instead.
@@ -192,6 +192,7 @@ def set_pipeline_factory(factory: Callable[[], Pipeline]) -> None:
 
 
 def get_pipeline(create: bool = True) -> Optional[Pipeline]:
+    """Return the pipeline of this process (a forked child gets its own), created on demand."""
     global _pipeline
     pipeline = _pipeline
     if pipeline is not None and pipeline.pid == os.getpid():
@@ -217,22 +218,66 @@ def shutdown_pipeline() -> None:
 
 
 def flush_pipeline(durable: bool = False) -> None:
+    """Write what this process has queued, if it has a pipeline."""
     pipeline = get_pipeline(create=False)
     if pipeline is not None:
         pipeline.flush(durable=durable)
 
 
 def _after_fork_in_child() -> None:
-    """A child must never write the parent's queued records nor use its descriptors."""
-    global _pipeline, _exit_hooks_pid
+    """A child must never write the parent's queued records nor use its descriptors or threads.
+
+    The parent's pipeline is dropped (its queue cleared, its transport abandoned); capture is
+    re-pointed at :func:`_append_in_child`, which builds this process's own pipeline (own file,
+    own flusher, own exit hooks) on the child's first record, so a child that only execs pays
+    nothing. The placement fields capture copies into every record get the child's pid.
+    """
+    global _pipeline, _exit_hooks_pid, _pipeline_lock
+    _pipeline_lock = threading.Lock()  # another parent thread may have held it at fork time
     old = _pipeline
     _pipeline = None
     _exit_hooks_pid = None
     if old is not None:
+        old.queue.clear()
         abandon = getattr(old.transport, "abandon", None)
         if abandon is not None:
-            abandon()
-        old.queue.clear()
+            try:
+                abandon()
+            except Exception:
+                pass
+    from flowcept import capture
+
+    run = capture.state
+    if run is capture.IDLE:
+        return
+    base = dict(run.base)
+    if "pid" in base:
+        base["pid"] = os.getpid()
+    append = run.append
+    if old is not None and getattr(append, "__self__", None) is old:
+        append = _append_in_child
+    capture.publish(capture.RunState(
+        capturing=run.capturing, workflow_id=run.workflow_id, campaign_id=run.campaign_id,
+        workflow_name=run.workflow_name, append=append, base=base, telemetry=run.telemetry,
+        settings=run.settings))
+
+
+def _append_in_child(record: dict) -> None:
+    """First record of a forked child: create its pipeline, point capture at it, queue."""
+    from flowcept import capture
+
+    try:
+        pipeline = get_pipeline()
+    except Exception:
+        logger.exception("flowcept could not start its pipeline in a forked child")
+        return
+    run = capture.state
+    if run.append is _append_in_child:
+        capture.publish(capture.RunState(
+            capturing=run.capturing, workflow_id=run.workflow_id, campaign_id=run.campaign_id,
+            workflow_name=run.workflow_name, append=pipeline.append, base=run.base,
+            telemetry=run.telemetry, settings=run.settings))
+    pipeline.append(record)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -245,7 +290,7 @@ _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _install_exit_hooks() -> None:
-    """atexit always; multiprocessing's exit hook in children; signal handlers from the main thread."""
+    """Atexit always; multiprocessing's exit hook in children; signal handlers from the main thread."""
     global _exit_hooks_pid
     if _exit_hooks_pid == os.getpid():
         return

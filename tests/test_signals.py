@@ -1,0 +1,79 @@
+"""SIGTERM/SIGINT of a process after N captured tasks: none lost, the app's own handler still runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import APPS, app_env, tasks_of, wait_for
+
+from flowcept import Flowcept
+
+N = 50
+
+
+def _run_and_signal(flowcept_tmp, signum, mode, workflow_id):
+    ready = str(flowcept_tmp / "ready")
+    # A long flush interval: the records must be written by the signal path, not the timer.
+    env = app_env({"FLOWCEPT_PROJECT_DUMP_BUFFER_FLUSH_INTERVAL_S": "60"})
+    proc = subprocess.Popen([sys.executable, str(APPS / "signal_child.py"), workflow_id, str(N), ready, mode],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.path.exists(ready) or proc.poll() is not None, 30, "the child's ready file")
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode, err.decode()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_loses_no_task(flowcept_tmp, signum):
+    workflow_id = f"sig{int(signum)}"
+    code, err = _run_and_signal(flowcept_tmp, signum, "plain", workflow_id)
+    if signum == signal.SIGTERM:
+        assert code == -signal.SIGTERM, err  # behaves as the signal would
+    else:
+        assert code != 0, err  # KeyboardInterrupt ends the program
+    records = Flowcept.read_buffer_file(consolidate=True, workflow_id=workflow_id)
+    tasks = tasks_of(records, workflow_id)
+    assert sorted(r["used"]["i"] for r in tasks) == list(range(N))
+    assert any(r["type"] == "workflow" for r in records)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_application_handler_is_chained(flowcept_tmp, signum):
+    workflow_id = f"own{int(signum)}"
+    code, err = _run_and_signal(flowcept_tmp, signum, "own", workflow_id)
+    assert code == 7, err  # the application's handler ran and chose the exit code
+    with open(str(flowcept_tmp / "ready.handler")) as handle:
+        assert handle.read() == str(int(signum))
+    tasks = tasks_of(Flowcept.read_buffer_file(consolidate=True, workflow_id=workflow_id), workflow_id)
+    assert len(tasks) == N
+
+
+def test_sigkill_loses_at_most_the_last_interval(flowcept_tmp):
+    """With the default interval, records captured before the last flush survive even SIGKILL."""
+    ready = str(flowcept_tmp / "ready")
+    env = app_env({"FLOWCEPT_PROJECT_DUMP_BUFFER_FLUSH_INTERVAL_S": "0.05"})
+    proc = subprocess.Popen([sys.executable, str(APPS / "signal_child.py"), "killed", str(N), ready, "plain"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.path.exists(ready), 30, "ready file")
+
+        def all_on_disk():
+            files = [p for p in os.listdir(flowcept_tmp) if p.startswith("flowcept_buffer_killed_")]
+            return files and sum(open(flowcept_tmp / f, "rb").read().count(b"\n") for f in files) >= N + 1
+
+        wait_for(all_on_disk, 20, "the periodic flush")
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    tasks = tasks_of(Flowcept.read_buffer_file(consolidate=True, workflow_id="killed"))
+    assert len(tasks) == N

@@ -1,0 +1,84 @@
+"""``flowcept-launch [options] [--] command args...``: run a command as one rank, with provenance.
+
+Examples::
+
+    srun -n 4 flowcept-launch python app.py
+    mpirun -np 8 flowcept-launch --workflow-name sim --output-dir out -- ./solver -i in.txt
+    flowcept-launch --no-daemon python app.py          # one rank, no node daemon
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from flowcept.launch.launcher import LaunchOptions
+
+_USAGE = "flowcept-launch [options] [--] command [args...]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's options; everything from the first non-option word on is the command."""
+    parser = argparse.ArgumentParser(
+        prog="flowcept-launch", usage=_USAGE,
+        description="Run a command once per rank (srun, mpirun/mpiexec or alone) with Flowcept: each rank's "
+                    "process is recorded as a task, the node daemon (one per node) captures the ranks' records "
+                    "and node telemetry, and global rank 0 consolidates the workflow when every rank is done.")
+    parser.add_argument("--workflow-name", "-n", default=None, help="Name of the workflow.")
+    parser.add_argument("--output-dir", "-o", default=None,
+                        help="Where buffer files and the consolidated output go "
+                             "(default: the directory of project.dump_buffer.path).")
+    parser.add_argument("--format", dest="output_format", choices=("jsonl", "hdf5"), default=None,
+                        help="Consolidated output format (default: project.output_format).")
+    parser.add_argument("--telemetry-interval", type=float, default=None, metavar="SECONDS",
+                        help="Node telemetry sampling interval of the daemon (daemon.telemetry_interval_s).")
+    daemon = parser.add_mutually_exclusive_group()
+    daemon.add_argument("--daemon", dest="daemon", action="store_true", default=True,
+                        help="Start one node daemon per node (default).")
+    daemon.add_argument("--no-daemon", dest="daemon", action="store_false",
+                        help="No node daemon: every rank writes its own file.")
+    merge = parser.add_mutually_exclusive_group()
+    merge.add_argument("--consolidate", dest="consolidate", action="store_true", default=True,
+                       help="Global rank 0 merges the workflow when all ranks are done (default).")
+    merge.add_argument("--no-consolidate", dest="consolidate", action="store_false",
+                       help="Leave the per-node/per-process files; run `flowcept consolidate` later.")
+    parser.add_argument("--keep-files", action="store_true", help="Keep the files that were consolidated.")
+    parser.add_argument("--settings", dest="settings_file", default=None, metavar="PATH",
+                        help="Settings file (sets FLOWCEPT_SETTINGS_PATH for the launcher and the command).")
+    parser.add_argument("--quiet", "-q", action="store_true", help="Do not print the output path at the end.")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="The command to run (after an optional --).")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> LaunchOptions:
+    """Parse the command line; the command may follow ``--`` or simply the last option."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        parser.error("no command given (usage: " + _USAGE + ")")
+    return LaunchOptions(command=command, workflow_name=args.workflow_name, output_dir=args.output_dir,
+                         output_format=args.output_format, telemetry_interval_s=args.telemetry_interval,
+                         daemon=args.daemon, consolidate=args.consolidate, settings_file=args.settings_file,
+                         keep_files=args.keep_files, quiet=args.quiet)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``flowcept-launch`` console script; returns the command's exit code."""
+    options = parse_args(argv)
+    from flowcept.launch.launcher import RankLauncher
+
+    try:
+        return RankLauncher(options).run()
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a settings error and the like: one clear line, the shell's code
+        sys.stderr.write(f"flowcept-launch: {error}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,10 @@ max_value_bytes = 8 * 1024 * 1024  # set from project.max_value_bytes when Flowc
 
 
 def _describe(value: Any) -> Dict[str, Any]:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception as error:  # a broken __repr__ must not cost the record
+        text = f"<repr failed: {type(error).__name__}>"
     return {
         "__flowcept_unserializable__": type(value).__module__ + "." + type(value).__qualname__,
         "repr": text if len(text) <= _REPR_LIMIT else text[:_REPR_LIMIT] + "...",
@@ -33,7 +36,7 @@ def _describe(value: Any) -> Dict[str, Any]:
 
 
 def _fallback(value: Any) -> Any:
-    """orjson ``default=``: convert what it cannot serialise natively."""
+    """Orjson ``default=``: convert what it cannot serialise natively."""
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -144,7 +147,14 @@ def dumps_line(record: Dict[str, Any]) -> bytes:
             line = orjson.dumps({"type": record.get("type", "unknown"), "__flowcept_error__": str(error)},
                                 option=_LINE_OPTIONS)
     if len(line) > max_value_bytes:
-        line = orjson.dumps(_shrink_large_values(record), default=_fallback, option=_LINE_OPTIONS)
+        try:
+            shrunk = _shrink_large_values(record)
+            try:
+                line = orjson.dumps(shrunk, default=_fallback, option=_LINE_OPTIONS)
+            except Exception:  # e.g. tuple keys below the values that were summarised
+                line = orjson.dumps(sanitize(shrunk), option=_LINE_OPTIONS)
+        except Exception as error:  # pragma: no cover - keep the full line rather than nothing
+            logger.error("large record could not be shrunk: %s", error)
     return line
 
 

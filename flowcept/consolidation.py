@@ -5,11 +5,14 @@ Sources of a workflow ``W`` under the base path ``<dir>/<stem>.jsonl`` are:
 and an earlier ``<stem>_W.jsonl`` (so a second run is idempotent). A file is taken only when
 its records belong to ``W`` exactly (an id that merely shares a prefix stays out).
 
-Merging streams line by line: memory holds one line plus the set of record keys already
-written (about 70 bytes per record, for duplicate removal). A torn or corrupt line costs that
-line only and is reported. Workflow records of the same id (start and end) are merged into one.
-The output is written to a temporary file and renamed; the merge holds an exclusive lock file
-so two processes consolidating the same workflow take turns, and a source file is removed only
+Merging streams blocks of a few MiB: our own task and telemetry lines are recognised a block at
+a time by one regex scan (no JSON parsing) and a block without duplicates is copied as is; other
+lines are parsed one by one. Duplicate removal costs about one byte per record id (``SeenIds``:
+a byte per counter value of each process's id prefix), ~70 bytes only for ids of another shape.
+A torn or corrupt line costs that line only and is reported (file and line number). Workflow
+records of the same id (start and end) are merged into one, written last. The output is written
+to a temporary file and renamed; the merge holds an exclusive lock file so two processes
+consolidating the same workflow take turns, and a source file is removed only
 when no live writer holds its lock.
 """
 
@@ -19,8 +22,10 @@ import fcntl
 import glob
 import logging
 import os
+import re
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import orjson
 
@@ -48,6 +53,7 @@ class MergeReport:
     bad_lines: List[Tuple[str, int]] = field(default_factory=list)
     removed: List[str] = field(default_factory=list)
     kept_live: List[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -112,6 +118,7 @@ def read_records(path: str) -> List[Dict[str, Any]]:
 # -- finding the sources of a workflow --------------------------------------------------------------
 
 def consolidated_path(base_path: str, workflow_id: str, output_format: str = "jsonl") -> str:
+    """``<dir>/<stem>_<workflow_id>.jsonl`` (or ``.h5``): the one output of a workflow."""
     directory, stem, suffix = split_base_path(base_path)
     ext = ".h5" if output_format == "hdf5" else suffix
     return os.path.join(directory, f"{stem}_{safe_name(workflow_id)}{ext}")
@@ -174,7 +181,7 @@ class _MergeLock:
         self.path = os.path.join(directory, f".{name}.lock")
         self.fd: Optional[int] = None
 
-    def __enter__(self) -> "_MergeLock":
+    def __enter__(self) -> _MergeLock:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
@@ -192,6 +199,121 @@ class _MergeLock:
 
 
 # -- merging ----------------------------------------------------------------------------------------
+
+# Our own task and telemetry lines start with their type, id and workflow id, and ids are
+# ``<16 hex>.<counter>`` (flowcept.ids). Such lines are recognised a block at a time by one regex
+# scan, without parsing JSON; any other line takes the per-line path.
+_FAST_LINE = re.compile(
+    rb'^\{"type":"(task|telemetry)","(?:task|telemetry)_id":"([0-9a-f]{16})\.([0-9]{1,15})",'
+    rb'"workflow_id":("[^"\\\n]*")', re.M)
+_STD_ID = re.compile(rb"([0-9a-f]{16})\.([0-9]{1,15})")
+_BLOCK_BYTES = 4 * 1024 * 1024
+_MAX_SPAN = 1 << 28  # a counter range wider than this per process goes to the hashed set
+
+
+class SeenIds:
+    """Which record ids a merge already wrote: about one byte per id, not one object per id.
+
+    Ids of the standard shape ``<prefix>.<counter>`` set one byte in a per-(type, prefix)
+    array indexed by ``counter - base``; memory is one byte per counter value between the
+    lowest and highest id a process wrote to this workflow. Other ids (user-given task ids,
+    records without an id) fall back to a set of 64-bit hashes (~70 bytes each).
+    """
+
+    def __init__(self) -> None:
+        try:
+            import numpy
+        except ModuleNotFoundError:  # numpy is optional: bytearrays and a per-id loop instead
+            numpy = None  # type: ignore[assignment]
+        self.np = numpy
+        self.maps: Dict[Tuple[bytes, bytes], list] = {}  # (type, prefix) -> [base, array]
+        self.hashed: set = set()
+
+    def memory_bytes(self) -> int:
+        return sum(len(entry[1]) for entry in self.maps.values()) + 70 * len(self.hashed)
+
+    def _map(self, kind: bytes, prefix: bytes, low: int, high: int) -> Optional[list]:
+        entry = self.maps.get((kind, prefix))
+        if entry is None:
+            if high - low >= _MAX_SPAN:
+                return None
+            size = max(1024, high - low + 1)
+            entry = [low, self.np.zeros(size, dtype=self.np.uint8) if self.np else bytearray(size)]
+            self.maps[(kind, prefix)] = entry
+            return entry
+        base, array = entry
+        new_base = min(base, low)
+        needed = max(high, base + len(array) - 1) - new_base + 1
+        if needed > _MAX_SPAN:
+            return None
+        if new_base < base or needed > len(array):
+            size = max(needed, 2 * len(array)) if new_base == base else needed
+            grown = self.np.zeros(size, dtype=self.np.uint8) if self.np else bytearray(size)
+            grown[base - new_base:base - new_base + len(array)] = array
+            entry[0], entry[1] = new_base, grown
+        return entry
+
+    def add_key(self, key: bytes) -> bool:
+        """Record one key (``t``/``m``/``o`` tag + id); True when it was new."""
+        match = _STD_ID.fullmatch(key, 1)
+        if match is not None:
+            kind = b"task" if key[:1] == b"t" else (b"telemetry" if key[:1] == b"m" else key[:1])
+            counter = int(match.group(2))
+            entry = self._map(kind, match.group(1), counter, counter)
+            if entry is not None:
+                index = counter - entry[0]
+                if entry[1][index]:
+                    return False
+                entry[1][index] = 1
+                return True
+        hashed = hash(key)
+        if hashed in self.hashed:
+            return False
+        self.hashed.add(hashed)
+        return True
+
+    def add_block(self, kinds: Tuple[bytes, ...], prefixes: Tuple[bytes, ...],
+                  counters: Tuple[bytes, ...]) -> Optional[List[bool]]:
+        """Record a block of standard ids; None when all were new, else a keep-mask."""
+        np = self.np
+        if np is None or len(set(prefixes)) > 8 or len(set(kinds)) > 1:
+            keep = [self.add_key((b"t" if k == b"task" else b"m") + p + b"." + c)
+                    for k, p, c in zip(kinds, prefixes, counters)]
+            return None if all(keep) else keep
+        values = np.array(counters).astype(np.int64)
+        kind = kinds[0]
+        if len(set(prefixes)) == 1:
+            groups = [(prefixes[0], None)]
+        else:
+            codes = np.array(prefixes)
+            groups = [(prefix, codes == np.bytes_(prefix)) for prefix in dict.fromkeys(prefixes)]
+        keep_all: Optional[Any] = None
+        for prefix, mask in groups:
+            group = values if mask is None else values[mask]
+            entry = self._map(kind, prefix, int(group.min()), int(group.max()))
+            if entry is None:  # absurd counter span: per-id hashing for this block
+                keep = [self.add_key((b"t" if k == b"task" else b"m") + p + b"." + c)
+                        for k, p, c in zip(kinds, prefixes, counters)]
+                return None if all(keep) else keep
+            index = group - entry[0]
+            fresh = entry[1][index] == 0
+            unique_count = len(np.unique(index))
+            if fresh.all() and unique_count == len(index):
+                entry[1][index] = 1
+                continue
+            # Duplicates: keep the first occurrence of each id not seen before.
+            first = np.zeros(len(index), dtype=bool)
+            first[np.unique(index, return_index=True)[1]] = True
+            group_keep = fresh & first
+            entry[1][index] = 1
+            if keep_all is None:
+                keep_all = np.ones(len(values), dtype=bool)
+            if mask is None:
+                keep_all = group_keep
+            else:
+                keep_all[mask] = group_keep
+        return None if keep_all is None else keep_all.tolist()
+
 
 def _record_key(line: bytes) -> Tuple[Optional[bytes], Optional[dict]]:
     """Return (dedup key, parsed record if it had to be parsed). Cheap for our own lines."""
@@ -226,56 +348,140 @@ def merge_workflow_records(records: List[dict]) -> dict:
     return merged
 
 
+def _file_blocks(path: str, report: MergeReport) -> Iterator[Tuple[bytes, int]]:
+    """Yield (block of whole lines ending in a newline, number of its first line)."""
+    if path.endswith((".h5", ".hdf5")):
+        from flowcept.hdf5_store import iter_hdf5_lines
+
+        lines = iter_hdf5_lines(path)
+        for start in range(0, len(lines), 16384):
+            yield b"\n".join(lines[start:start + 16384]) + b"\n", start + 1
+        return
+    line_number = 1
+    rest = b""
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(_BLOCK_BYTES)
+            if not data:
+                break
+            data = rest + data if rest else data
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                rest = data
+                continue
+            rest = data[cut:]
+            block = data[:cut] if rest else data
+            yield block, line_number
+            line_number += block.count(b"\n")
+    if rest.strip():
+        if _parses(rest):
+            yield rest + b"\n", line_number
+        else:
+            report.bad_lines.append((path, line_number))  # torn last line of a killed writer
+
+
+class _Merger:
+    """The state of one merge: ids seen, workflow records, counters. Streams blocks of lines."""
+
+    def __init__(self, workflow_id: str, report: MergeReport, progress: Optional[Callable[[int], None]]):
+        self.workflow_id = workflow_id
+        self.wf_quoted = orjson.dumps(workflow_id)
+        self.wf_field = b'"workflow_id":' + self.wf_quoted
+        self.report = report
+        self.progress = progress
+        self.seen = SeenIds()
+        self.workflows: List[dict] = []
+
+    def blocks(self, sources: List[str]) -> Iterator[Tuple[bytes, int, Optional[List[Optional[dict]]]]]:
+        """Yield (lines joined with newlines, count, parsed records or None) of distinct records."""
+        for path in sources:
+            try:
+                for block, first_line in _file_blocks(path, self.report):
+                    if self.progress is not None:
+                        self.progress(len(block))
+                    yield from self._block(path, block, first_line)
+            except FileNotFoundError:
+                logger.warning("source %s vanished during consolidation", path)
+        if self.workflows:
+            yield orjson.dumps(merge_workflow_records(self.workflows)) + b"\n", 1, None
+
+    def _block(self, path: str, block: bytes, first_line: int
+               ) -> Iterator[Tuple[bytes, int, Optional[List[Optional[dict]]]]]:
+        lines = block.count(b"\n")
+        matches = _FAST_LINE.findall(block)
+        if len(matches) == lines and matches:
+            kinds, prefixes, counters, workflows = zip(*matches)
+            if workflows.count(self.wf_quoted) == lines:
+                self.report.records_in += lines
+                keep = self.seen.add_block(kinds, prefixes, counters)
+                if keep is None:
+                    yield block, lines, None
+                    return
+                kept = [line for line, k in zip(block.split(b"\n"), keep) if k]
+                self.report.duplicates += lines - len(kept)
+                if kept:
+                    yield b"\n".join(kept) + b"\n", len(kept), None
+                return
+        yield from self._slow_block(path, block, first_line)
+
+    def _slow_block(self, path: str, block: bytes, first_line: int
+                    ) -> Iterator[Tuple[bytes, int, Optional[List[Optional[dict]]]]]:
+        out: List[bytes] = []
+        parsed: List[Optional[dict]] = []
+        report = self.report
+        for number, line in enumerate(block.split(b"\n")[:-1], first_line):
+            if not line.strip():
+                continue
+            report.records_in += 1
+            try:
+                key, record = _record_key(line)
+            except (orjson.JSONDecodeError, ValueError):
+                report.bad_lines.append((path, number))
+                continue
+            if record is None and self.wf_field not in line:
+                record = orjson.loads(line)
+            if record is not None:
+                if record.get("workflow_id") != self.workflow_id:
+                    continue
+                if record.get("type") == "workflow":
+                    self.workflows.append(record)
+                    continue
+            if key is not None and not self.seen.add_key(key):
+                report.duplicates += 1
+                continue
+            out.append(line)
+            parsed.append(record)
+        if out:
+            yield b"\n".join(out) + b"\n", len(out), parsed
+
+
 def iter_merged(sources: List[str], workflow_id: str, report: MergeReport,
                 progress: Optional[Callable[[int], None]] = None) -> Iterator[Tuple[bytes, Optional[dict]]]:
     """Yield (line, parsed-or-None) of every distinct record of the workflow, then its workflow record."""
-    seen: set = set()
-    workflows: List[dict] = []
-    wf_bytes = orjson.dumps(workflow_id)
-    for path in sources:
-        try:
-            lines = iter_file_lines(path, report.bad_lines)
-            for line in lines:
-                report.records_in += 1
-                if progress is not None:
-                    progress(len(line) + 1)
-                try:
-                    key, record = _record_key(line)
-                except (orjson.JSONDecodeError, ValueError):
-                    report.bad_lines.append((path, -1))
-                    continue
-                if record is None and b'"workflow_id":' + wf_bytes not in line:
-                    record = orjson.loads(line)
-                if record is not None:
-                    if record.get("workflow_id") != workflow_id:
-                        continue
-                    if record.get("type") == "workflow":
-                        workflows.append(record)
-                        continue
-                hashed = hash(key)
-                if hashed in seen:
-                    report.duplicates += 1
-                    continue
-                seen.add(hashed)
-                yield line, record
-        except FileNotFoundError:
-            logger.warning("source %s vanished during consolidation", path)
-    if workflows:
-        yield orjson.dumps(merge_workflow_records(workflows)), None
+    yield from _lines(_Merger(workflow_id, report, progress).blocks(sources))
 
 
 def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", cleanup_files: bool = True,
                 order_by_time: bool = False, progress: Optional[Callable[[int], None]] = None,
                 extra_sources: Optional[List[str]] = None) -> MergeReport:
-    """Merge every source of ``workflow_id`` into one file; idempotent; returns a report."""
+    """Merge every source of ``workflow_id`` into one file; idempotent; returns a report.
+
+    ``progress`` is called with the number of input bytes consumed (a progress bar's update).
+    ``order_by_time`` sorts by ``started_at``/``timestamp``; it holds the records in memory.
+    """
     if not workflow_id:
         raise ValueError("consolidation needs a workflow_id")
+    if output_format not in ("jsonl", "hdf5"):
+        raise ValueError(f"unknown output format '{output_format}' (jsonl or hdf5)")
+    began = time.perf_counter()
     output = consolidated_path(base_path, workflow_id, output_format)
     jsonl_output = consolidated_path(base_path, workflow_id, "jsonl")
     report = MergeReport(output_path=output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with _MergeLock(output):
         sources = find_sources(base_path, workflow_id)
+        if os.path.exists(output) and output not in sources:
+            sources.insert(0, output)  # an earlier HDF5 output: a second run is idempotent
         for extra in extra_sources or ():
             if extra not in sources and os.path.exists(extra):
                 sources.append(extra)
@@ -283,20 +489,22 @@ def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", 
             raise FileNotFoundError(
                 f"no Flowcept files of workflow '{workflow_id}' next to {os.path.abspath(base_path)}")
         report.sources = list(sources)
-        merged = iter_merged(sources, workflow_id, report, progress)
-        if order_by_time:
-            merged = _ordered(merged)
+        merger = _Merger(workflow_id, report, progress)
         if output_format == "hdf5":
             from flowcept.hdf5_store import write_hdf5
 
-            report.records_out = write_hdf5(output, merged)
+            merged = _lines(merger.blocks(sources))
+            if order_by_time:
+                merged = _ordered(merged)
+            report.records_out = write_hdf5(output, merged, workflow_id=workflow_id)
+        elif order_by_time:
+            report.records_out = _write_jsonl(output, ((line + b"\n", 1) for line, _ in
+                                                       _ordered(_lines(merger.blocks(sources)))))
         else:
-            report.records_out = _write_jsonl(output, merged)
+            report.records_out = _write_jsonl(output, ((block, n) for block, n, _ in merger.blocks(sources)))
         if cleanup_files:
             for path in sources:
-                if path in (output, jsonl_output) and output_format == "jsonl":
-                    continue
-                if path == output:
+                if path in (output, jsonl_output):
                     continue
                 if _is_unlocked(path):
                     try:
@@ -307,33 +515,47 @@ def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", 
                 else:
                     report.kept_live.append(path)
     if report.bad_lines:
-        logger.warning("consolidation of %s skipped %d torn or corrupt line(s)", workflow_id,
-                       len(report.bad_lines))
+        logger.warning("consolidation of %s skipped %d torn or corrupt line(s): %s", workflow_id,
+                       len(report.bad_lines), ", ".join(f"{p}:{n}" for p, n in report.bad_lines[:5]))
+    report.elapsed_s = time.perf_counter() - began
     return report
 
 
+def _lines(blocks: Iterator[Tuple[bytes, int, Optional[List[Optional[dict]]]]]
+           ) -> Iterator[Tuple[bytes, Optional[dict]]]:
+    for block, _count, parsed in blocks:
+        lines = block.split(b"\n")[:-1]
+        if parsed is None:
+            for line in lines:
+                yield line, None
+        else:
+            yield from zip(lines, parsed)
+
+
 def _ordered(merged: Iterator[Tuple[bytes, Optional[dict]]]) -> Iterator[Tuple[bytes, Optional[dict]]]:
-    """Order by started_at/timestamp (needs the records in memory: opt-in)."""
+    """Order by started_at/timestamp (needs the records in memory: opt-in); the workflow stays last."""
     items = []
     for line, record in merged:
         parsed = record if record is not None else orjson.loads(line)
-        items.append((parsed.get("started_at") or parsed.get("timestamp") or 0, line, record))
+        if parsed.get("type") == "workflow":
+            stamp = float("inf")
+        else:
+            stamp = parsed.get("started_at") or parsed.get("timestamp") or parsed.get("utc_timestamp") or 0
+        items.append((stamp, line, record))
     items.sort(key=lambda item: item[0])
     for _, line, record in items:
         yield line, record
 
 
-def _write_jsonl(output: str, merged: Iterator[Tuple[bytes, Optional[dict]]]) -> int:
+def _write_jsonl(output: str, blocks: Iterable[Tuple[bytes, int]]) -> int:
+    """Write newline-terminated blocks to a temporary file, fsync, rename; returns the line count."""
     tmp = f"{output}.{os.getpid()}.tmp"
     count = 0
     try:
-        with open(tmp, "wb", buffering=1024 * 1024) as handle:
-            write = handle.write
-            for line, _ in merged:
-                write(line)
-                write(b"\n")
-                count += 1
-            handle.flush()
+        with open(tmp, "wb", buffering=0) as handle:
+            for block, lines in blocks:
+                handle.write(block)
+                count += lines
             os.fsync(handle.fileno())
         os.replace(tmp, output)
     except BaseException:

@@ -314,14 +314,19 @@ class Flowcept:
         through_daemon = pipeline is not None and type(pipeline.transport).__name__ == "DaemonLink"
         if through_daemon:
             pipeline.flush(durable=True)
-        synchronised = coordinator.barrier(settings["launch.finish_timeout_s"])
+        timeout_s = settings["launch.finish_timeout_s"]
+        synchronised = coordinator.barrier(timeout_s)
         if not settings["project.consolidate_on_stop"] or not coordinator.is_root:
-            coordinator.barrier(settings["launch.finish_timeout_s"])
+            coordinator.barrier(timeout_s)
             return
-        if through_daemon or not (coordinator.can_synchronise and synchronised):
+        if through_daemon or not coordinator.can_synchronise:
             # The launcher's rank 0 (or `flowcept consolidate`) merges once every rank is done.
-            coordinator.barrier(settings["launch.finish_timeout_s"])
+            coordinator.barrier(timeout_s)
             return
+        if not synchronised:
+            # A rank failed or is late (bounded wait over): merge what the others left; a late
+            # rank's file is still locked by its writer, so it is kept for a later consolidation.
+            logger.warning("consolidating workflow %s without every rank", self.current_workflow_id)
         try:
             report = consolidate(settings["project.dump_buffer.path"], self.current_workflow_id,
                                  output_format=settings["project.output_format"],
@@ -334,7 +339,7 @@ class Flowcept:
             logger.exception("consolidation of workflow %s failed; its files are kept",
                              self.current_workflow_id)
         finally:
-            coordinator.barrier(settings["launch.finish_timeout_s"])
+            coordinator.barrier(timeout_s)
 
     def __enter__(self) -> "Flowcept":
         return self.start()

@@ -1,0 +1,1 @@
+"""Fake GPU libraries (NVML, amdsmi) injected at the library boundary; see each module."""

@@ -1,0 +1,627 @@
+"""The node daemon: receive batches from the ranks of this node, sample telemetry, write sinks.
+
+One thread owns every socket and every sink (the poll loop in :meth:`DaemonServer.serve`), so
+nothing here needs a lock; the Prometheus endpoint (another thread) only reads counters.
+
+Each loop turn drains up to ``_MAX_MESSAGES`` messages (or ``_MAX_TURN_BYTES``), validates them
+with :mod:`flowcept.protocol`, writes every accepted batch of a (base path, workflow) with one
+``os.write``, and only then acknowledges: an acknowledged record is in the kernel's hands, so a
+killed daemon loses nothing a client dropped. Bad frames are rejected, counted by reason, and
+(when they carry a sequence number) refused with a ``nack`` so the client keeps the batch.
+
+Outputs: ``<dir>/<stem>_<workflow_id>_node-<node>.jsonl`` beside the clients' base path (so
+``flowcept consolidate`` finds them), plus ``.h5`` with the HDF5 sink. Telemetry (node, each
+registered rank's process, each GPU) is written to every workflow with a live client.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket as socket_module
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import orjson
+import zmq
+
+from flowcept import protocol
+from flowcept.sinks import sink_class
+from flowcept.transport import safe_name, split_base_path
+from flowcept.version import __version__
+
+logger = logging.getLogger(__name__)
+
+_MAX_MESSAGES = 2000
+_MAX_TURN_BYTES = 128 * 1024 * 1024
+_HOUSEKEEPING_S = 1.0
+_RCVHWM = 10000
+_SNDHWM = 10000
+_LINGER_MS = 2000
+
+
+@dataclass
+class DaemonConfig:
+    """Everything the daemon needs; built from settings and command-line options by the CLI."""
+
+    runtime_dir: str
+    base_path: str = "flowcept_buffer.jsonl"
+    node: str = field(default_factory=protocol.node_name)
+    sinks: List[str] = field(default_factory=lambda: ["jsonl"])
+    telemetry_interval_s: float = 1.0
+    telemetry: bool = True
+    gpu: bool = True
+    max_message_bytes: int = 64 * 1024 * 1024
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    tcp_port: int = 0
+    tcp_host: str = "0.0.0.0"
+    exit_when_idle: bool = False
+    idle_grace_s: float = 0.5
+    strict: bool = False
+    fsync: str = "flush"
+    fsync_interval_s: float = 5.0
+
+
+@dataclass
+class Client:
+    """A registered rank (one DEALER connection)."""
+
+    host: str
+    pid: int
+    rank: Optional[int]
+    local_rank: Optional[int]
+    node: Optional[str]
+    base: str
+    workflows: List[Optional[str]]
+    registered_at: float
+    state: str = "connected"  # connected | finished | lost
+    records: int = 0
+    last_seen: float = 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"host": self.host, "pid": self.pid, "rank": self.rank, "local_rank": self.local_rank,
+                "workflows": self.workflows, "state": self.state, "records": self.records,
+                "registered_at": self.registered_at}
+
+
+class Counters:
+    """Daemon counters (read by status and /metrics from other threads: plain ints)."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.bytes = 0
+        self.received = 0
+        self.written = 0
+        self.rejected = 0
+        self.spilled = 0
+        self.dropped = 0
+        self.telemetry_written = 0
+        self.rejected_by_reason: Dict[str, int] = {reason: 0 for reason in protocol.REASONS}
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"messages": self.messages, "bytes": self.bytes, "received": self.received,
+                "written": self.written, "rejected": self.rejected, "spilled": self.spilled,
+                "dropped": self.dropped, "telemetry_written": self.telemetry_written,
+                "rejected_by_reason": dict(self.rejected_by_reason)}
+
+
+def _fallback_sampler() -> Any:
+    """A minimal psutil node sampler, used when flowcept.telemetry.node is unavailable."""
+    import psutil
+
+    from flowcept.ids import next_id
+
+    class _Minimal:
+        status: Dict[str, Any] = {"gpu": None, "minimal": True}
+
+        def __init__(self) -> None:
+            psutil.cpu_percent(None)
+            self.hostname = socket_module.gethostname()
+
+        def sample(self) -> List[Dict[str, Any]]:
+            memory = psutil.virtual_memory()
+            return [{"type": "telemetry", "telemetry_id": next_id(), "kind": "node", "hostname": self.hostname,
+                     "timestamp": time.time(), "cpu_percent": psutil.cpu_percent(None),
+                     "memory_total_bytes": memory.total, "memory_used_bytes": memory.used,
+                     "memory_available_bytes": memory.available}]
+
+        def close(self) -> None:
+            pass
+
+    return _Minimal()
+
+
+class DaemonServer:
+    """One node daemon. ``serve()`` runs until SIGTERM/SIGINT, ``request_stop()`` or idle exit."""
+
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.hostname = socket_module.gethostname()
+        self.address = protocol.ipc_address(config.runtime_dir)
+        self.tcp_address: Optional[str] = None
+        self.metrics_port: Optional[int] = None
+        self.counters = Counters()
+        self.clients: Dict[Tuple[int, bytes], Client] = {}
+        self.sinks: Dict[Tuple[str, Optional[str]], List[Any]] = {}
+        self.latest_telemetry: List[Dict[str, Any]] = []
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._dirty_since: Optional[float] = None
+        self._idle_since: Optional[float] = None
+        self._sampler: Any = None
+        self._context: Any = None
+        self._sockets: List[Any] = []
+        self._wake_r: Optional[int] = None
+        self._wake_w: Optional[int] = None
+        self._metrics_server: Any = None
+        self._authenticator: Any = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the loop to stop (thread- and signal-safe)."""
+        self._stop.set()
+        if self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def serve(self) -> int:
+        """Bind, announce readiness, loop until stopped, then drain, flush and close; returns 0."""
+        self._bind()
+        self._install_signals()
+        self._start_metrics()
+        self._write_ready()
+        logger.info("flowcept daemon %s ready at %s", os.getpid(), self.address)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _bind(self) -> None:
+        config = self.config
+        protocol.make_private_dir(config.runtime_dir)
+        path = protocol.socket_path(config.runtime_dir)
+        previous = protocol.read_ready(config.runtime_dir)
+        if previous and _pid_alive(previous.get("pid")) and previous.get("pid") != os.getpid():
+            from flowcept.daemon_link import ping
+
+            if ping(self.address, 1.0):
+                raise RuntimeError(f"a flowcept daemon (pid {previous.get('pid')}) already serves "
+                                   f"{self.address}")
+        for stale in (path, protocol.ready_path(config.runtime_dir)):
+            try:
+                os.unlink(stale)
+            except FileNotFoundError:
+                pass
+        self._context = zmq.Context()
+        router = self._new_router()
+        old_umask = os.umask(0o077)
+        try:
+            router.bind(self.address)
+        finally:
+            os.umask(old_umask)
+        self._sockets.append(router)
+        if config.tcp_port:
+            self._bind_tcp()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = zmq.Poller()
+        for sock in self._sockets:
+            self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+
+    def _new_router(self) -> Any:
+        router = self._context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, _LINGER_MS)
+        router.setsockopt(zmq.RCVHWM, _RCVHWM)
+        router.setsockopt(zmq.SNDHWM, _SNDHWM)
+        # Hard guard; messages between the limit and twice it are rejected and counted by decode().
+        router.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.max_message_bytes)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        return router
+
+    def _bind_tcp(self) -> None:
+        """TCP only with CURVE: keys under <runtime_dir>/curve, one authorised client key for the job."""
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        keys = os.path.join(self.config.runtime_dir, "curve")
+        authorized = os.path.join(keys, "authorized")
+        os.makedirs(authorized, mode=0o700, exist_ok=True)
+        if not os.path.exists(os.path.join(keys, "server.key_secret")):
+            zmq.auth.create_certificates(keys, "server")
+        if not os.path.exists(os.path.join(keys, "client.key_secret")):
+            zmq.auth.create_certificates(keys, "client")
+        client_public = os.path.join(authorized, "client.key")
+        if not os.path.exists(client_public):
+            with open(os.path.join(keys, "client.key"), "rb") as src, open(client_public, "wb") as dst:
+                dst.write(src.read())
+        self._authenticator = ThreadAuthenticator(self._context)
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=authorized)
+        public, secret = zmq.auth.load_certificate(os.path.join(keys, "server.key_secret"))
+        router = self._new_router()
+        router.curve_publickey = public
+        router.curve_secretkey = secret
+        router.curve_server = True
+        router.bind(f"tcp://{self.config.tcp_host}:{self.config.tcp_port}")
+        self.tcp_address = f"tcp://{self.config.tcp_host}:{self.config.tcp_port}"
+        self.curve_dir = keys
+        self._sockets.append(router)
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_signal(signum: int, frame: Any) -> None:
+            self._stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _start_metrics(self) -> None:
+        if not self.config.metrics_port:
+            return
+        try:
+            from flowcept.daemon.metrics import start_metrics_server
+
+            self._metrics_server, self.metrics_port = start_metrics_server(
+                self, self.config.metrics_host, self.config.metrics_port)
+        except Exception as error:
+            logger.error("Prometheus /metrics endpoint disabled: %s", error)
+
+    def _write_ready(self) -> None:
+        """Readiness, atomically: tmp file then rename (readers never see half a file)."""
+        record = {"pid": os.getpid(), "address": self.address, "tcp_address": self.tcp_address,
+                  "metrics_port": self.metrics_port, "node": self.config.node, "hostname": self.hostname,
+                  "runtime_dir": self.config.runtime_dir, "started_at": self.started_at,
+                  "version": __version__, "protocol": protocol.VERSION}
+        path = protocol.ready_path(self.config.runtime_dir)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(orjson.dumps(record))
+        os.replace(tmp, path)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        config = self.config
+        now = time.monotonic()
+        next_sample = now if config.telemetry else float("inf")
+        next_housekeeping = now + _HOUSEKEEPING_S
+        stop = self._stop
+        poller = self._poller
+        while not stop.is_set():
+            timeout = max(0.0, min(next_sample, next_housekeeping) - time.monotonic())
+            events = dict(poller.poll(int(timeout * 1000) + 1))
+            if self._wake_r in events:
+                self._drain_wake_pipe()
+            for sock in self._sockets:
+                if sock in events:
+                    self._receive(sock)
+            now = time.monotonic()
+            if now >= next_sample:
+                self._sample()
+                next_sample = now + config.telemetry_interval_s
+            if now >= next_housekeeping:
+                self._housekeeping(now)
+                next_housekeeping = now + _HOUSEKEEPING_S
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _receive(self, sock: Any) -> None:
+        """Drain a turn's worth of messages, write accepted batches together, then acknowledge."""
+        index = self._sockets.index(sock)
+        counters = self.counters
+        max_bytes = self.config.max_message_bytes
+        strict = self.config.strict
+        groups: Dict[Tuple[str, Optional[str]], List[Any]] = {}
+        acks: Dict[bytes, List[Tuple[int, Tuple[str, Optional[str]], int, Client]]] = {}
+        turn_bytes = 0
+        for _ in range(_MAX_MESSAGES):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            identity, body = frames[0], frames[1:]
+            size = sum(len(frame) for frame in body)
+            counters.messages += 1
+            counters.bytes += size
+            turn_bytes += size
+            try:
+                message = protocol.decode(body, max_bytes, strict=strict)
+            except protocol.ProtocolError as error:
+                self._reject(sock, identity, body, error.reason)
+                continue
+            kind = message.kind
+            client = self.clients.get((index, identity))
+            if kind == "batch":
+                header = message.header
+                if client is None or client.state != "connected":
+                    self._reject(sock, identity, body, "unregistered", seq=header["s"])
+                    continue
+                count = header["n"]
+                key = (client.base, header["w"])
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = group = [[], 0]
+                group[0].append(message.payload)
+                group[1] += count
+                counters.received += count
+                client.records += count
+                acks.setdefault(identity, []).append((header["s"], key, count, client))
+            elif kind == "hello":
+                self._register(index, identity, message.header)
+            elif kind == "bye":
+                if client is not None:
+                    client.state = "finished"
+                    self._dirty_since = self._dirty_since or time.monotonic()
+            elif kind == "ping":
+                self._reply(sock, identity, protocol.encode_pong(message.header.get("t", 0), pid=os.getpid()))
+            elif kind == "status":
+                self._reply(sock, identity, protocol.encode_status(self.status()))
+            if turn_bytes >= _MAX_TURN_BYTES:
+                break
+        if not groups:
+            return
+        failed = set()
+        for key, (payloads, count) in groups.items():
+            if not self._write(key, b"".join(payloads) if len(payloads) > 1 else payloads[0], count):
+                failed.add(key)
+        for identity, entries in acks.items():
+            for seq, key, count, _client in entries:
+                if key in failed:
+                    counters.spilled += count
+                    self._reply(sock, identity, protocol.encode_nack(seq, "write_failed"))
+            self._reply(sock, identity, protocol.encode_ack(entries[-1][0]))
+
+    def _write(self, key: Tuple[str, Optional[str]], payload: bytes, count: int, telemetry: bool = False) -> bool:
+        try:
+            for sink in self._sinks_for(key):
+                write_lines = getattr(sink, "write_lines", None)
+                if write_lines is not None:
+                    write_lines(payload, count)
+                else:
+                    sink.write([orjson.loads(line) for line in payload.splitlines()])
+        except Exception as error:
+            reason = "disk full" if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else error
+            logger.error("daemon could not write %d records of workflow %s: %s", count, key[1], reason)
+            return False
+        if telemetry:
+            self.counters.telemetry_written += count
+        else:
+            self.counters.written += count
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+        return True
+
+    def _sinks_for(self, key: Tuple[str, Optional[str]]) -> List[Any]:
+        sinks = self.sinks.get(key)
+        if sinks is None:
+            base, workflow_id = key
+            directory, stem, suffix = split_base_path(base)
+            wf = safe_name(workflow_id) if workflow_id else "no-workflow"
+            node = safe_name(self.config.node)
+            sinks = []
+            for name in self.config.sinks:
+                ext = ".h5" if name == "hdf5" else suffix
+                path = os.path.join(directory, f"{stem}_{wf}_node-{node}{ext}")
+                sinks.append(sink_class(name)(path, fsync=self.config.fsync))
+            self.sinks[key] = sinks
+        return sinks
+
+    def _reject(self, sock: Any, identity: bytes, body: List[bytes], reason: str,
+                seq: Optional[int] = None) -> None:
+        counters = self.counters
+        counters.rejected += 1
+        counters.rejected_by_reason[reason] = counters.rejected_by_reason.get(reason, 0) + 1
+        if seq is None and body and len(body[0]) < 4096:
+            try:  # tell a genuine client which batch to keep; garbage gets no answer
+                header = orjson.loads(body[0])
+                if isinstance(header, dict) and header.get("k") == "batch" and type(header.get("s")) is int:
+                    seq = header["s"]
+            except orjson.JSONDecodeError:
+                pass
+        if seq is not None:
+            self._reply(sock, identity, protocol.encode_nack(seq, reason))
+        logger.debug("rejected a message (%s)", reason)
+
+    def _reply(self, sock: Any, identity: bytes, frames: List[bytes]) -> None:
+        try:
+            sock.send_multipart([identity, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the peer left or is not reading: it times out and spills
+            pass
+
+    def _register(self, index: int, identity: bytes, header: Dict[str, Any]) -> None:
+        workflows = header.get("w") or [None]
+        if not isinstance(workflows, list):
+            workflows = [workflows]
+        key = (index, identity)
+        client = self.clients.get(key)
+        base = header.get("base") if isinstance(header.get("base"), str) else self.config.base_path
+        if client is None:
+            pid = header.get("pid") if type(header.get("pid")) is int else 0
+            client = Client(host=str(header.get("host") or "?"), pid=pid, rank=header.get("rank"),
+                            local_rank=header.get("local_rank"), node=header.get("node"),
+                            base=os.path.abspath(base), workflows=list(workflows),
+                            registered_at=time.time())
+            self.clients[key] = client
+            logger.info("client registered: host %s pid %s rank %s", client.host, client.pid, client.rank)
+        else:
+            client.workflows = list(workflows)
+            client.state = "connected"
+        self._idle_since = None
+
+    # -- telemetry and housekeeping -------------------------------------------------------------------
+    def _local_pids(self) -> Dict[int, Optional[int]]:
+        return {c.pid: c.rank for c in list(self.clients.values())
+                if c.state == "connected" and c.host == self.hostname and c.pid}
+
+    def _sample(self) -> None:
+        if self._sampler is None:
+            try:
+                from flowcept.telemetry.node import NodeSampler
+
+                self._sampler = NodeSampler(gpu=self.config.gpu, pids_provider=self._local_pids,
+                                            extra={"node_name": self.config.node})
+            except Exception as error:
+                logger.warning("node telemetry sampler unavailable (%s); sampling CPU and memory only", error)
+                self._sampler = _fallback_sampler()
+        try:
+            records = self._sampler.sample()
+        except Exception as error:
+            logger.warning("telemetry sampling failed: %s", error)
+            return
+        self.latest_telemetry = records
+        targets: Dict[Tuple[str, Optional[str]], List[Optional[int]]] = {}
+        for client in list(self.clients.values()):
+            if client.state != "connected":
+                continue
+            for workflow_id in client.workflows:
+                targets.setdefault((client.base, workflow_id), []).append(client.pid)
+        for key, pids in targets.items():
+            lines = []
+            for record in records:
+                pid = record.get("pid") if record.get("kind") == "process" else None
+                if pid is not None and pid not in pids:
+                    continue
+                out = {"type": "telemetry", "telemetry_id": record.get("telemetry_id"), "workflow_id": key[1]}
+                for name, value in record.items():
+                    if name not in out:
+                        out[name] = value
+                try:
+                    lines.append(orjson.dumps(out, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS,
+                                              default=str))
+                except TypeError:
+                    self.counters.dropped += 1
+            if lines and not self._write(key, b"".join(lines), len(lines), telemetry=True):
+                self.counters.dropped += len(lines)
+
+    def _housekeeping(self, now: float) -> None:
+        for client in list(self.clients.values()):
+            if client.state == "connected" and client.host == self.hostname and not _pid_alive(client.pid):
+                client.state = "lost"
+                logger.warning("client pid %s (rank %s) exited without goodbye", client.pid, client.rank)
+        if self._dirty_since is not None and (
+                now - self._dirty_since >= self.config.fsync_interval_s or self._clients_done()):
+            self._flush_sinks()
+        if self.config.exit_when_idle and self.clients and self._clients_done():
+            if self._idle_since is None:
+                self._idle_since = now
+            if now - self._idle_since >= self.config.idle_grace_s:
+                logger.info("every client said goodbye; exiting")
+                self._stop.set()
+        else:
+            self._idle_since = None
+
+    def _clients_done(self) -> bool:
+        return all(client.state != "connected" for client in list(self.clients.values()))
+
+    def _flush_sinks(self) -> None:
+        for sinks in list(self.sinks.values()):
+            for sink in sinks:
+                try:
+                    sink.flush()
+                except Exception as error:
+                    logger.warning("sink flush failed: %s", error)
+        self._dirty_since = None
+
+    # -- status ---------------------------------------------------------------------------------------
+    def status(self) -> Dict[str, Any]:
+        """What ``flowcept daemon status --json`` prints."""
+        clients = list(self.clients.values())
+        files = [getattr(sink, "path", None) for sinks in list(self.sinks.values()) for sink in sinks]
+        return {
+            "pid": os.getpid(), "address": self.address, "tcp_address": self.tcp_address,
+            "metrics_port": self.metrics_port, "node": self.config.node, "hostname": self.hostname,
+            "runtime_dir": self.config.runtime_dir, "version": __version__,
+            "started_at": self.started_at, "uptime_s": round(time.time() - self.started_at, 3),
+            "output_files": [f for f in files if f],
+            "clients": {"connected": sum(c.state == "connected" for c in clients),
+                        "finished": sum(c.state == "finished" for c in clients),
+                        "lost": sum(c.state == "lost" for c in clients),
+                        "list": [c.as_dict() for c in clients[:256]]},
+            "counters": self.counters.as_dict(),
+            "telemetry": {"interval_s": self.config.telemetry_interval_s if self.config.telemetry else None,
+                          "sampler": getattr(self._sampler, "status", None),
+                          "latest": self.latest_telemetry},
+        }
+
+    # -- shutdown -------------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        """Stop accepting, drain what is queued, flush and close the sinks, remove the ready file."""
+        ready = protocol.ready_path(self.config.runtime_dir)
+        try:
+            os.unlink(ready)
+        except FileNotFoundError:
+            pass
+        try:
+            os.unlink(protocol.socket_path(self.config.runtime_dir))  # no new connections
+        except FileNotFoundError:
+            pass
+        for sock in self._sockets:
+            for _ in range(1000):
+                if not sock.poll(0):
+                    break
+                self._receive(sock)
+        for sinks in self.sinks.values():
+            for sink in sinks:
+                try:
+                    sink.close()
+                except Exception as error:
+                    logger.error("closing sink %s failed: %s", getattr(sink, "path", sink), error)
+        if self._sampler is not None:
+            try:
+                self._sampler.close()
+            except Exception:
+                pass
+        if self._metrics_server is not None:
+            try:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+            except Exception:
+                pass
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        for sock in self._sockets:
+            sock.close(linger=_LINGER_MS)
+        if self._context is not None:
+            self._context.term()
+        if threading.current_thread() is threading.main_thread():
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        logger.info("flowcept daemon stopped: %s", self.counters.as_dict())
+
+
+def _pid_alive(pid: Any) -> bool:
+    if type(pid) is not int or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().split(b") ", 1)[-1][:1] != b"Z"
+    except OSError:
+        return True

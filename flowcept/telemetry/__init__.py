@@ -27,6 +27,6 @@ def ensure_capture() -> Any:
 
 def machine_info(settings: Any = None) -> dict:
     """Facts about this machine for the workflow record (never raises)."""
-    from flowcept.telemetry.machine_info import machine_info as _machine_info
+    from flowcept.telemetry.machine import machine_info as _machine_info
 
     return _machine_info(settings)

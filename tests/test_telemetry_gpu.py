@@ -23,6 +23,23 @@ MIG_A = "MIG-aaaaaaaa-0000-1111-2222-333333333333"
 MIG_B = "MIG-bbbbbbbb-0000-1111-2222-444444444444"
 
 
+@pytest.fixture
+def telemetry_logs():
+    """Records logged by flowcept.telemetry (the flowcept logger may not propagate to caplog)."""
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("flowcept.telemetry")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
 def three_gpus(**kw):
     return [FakeGpu(UUID0, processes=[(os.getpid(), 500 * 2**20), (1, 2**20)]), FakeGpu(UUID1), FakeGpu(UUID2)]
 
@@ -153,8 +170,7 @@ def test_mig_devices(visible, expected):
         assert s.inventory()[0]["gpu_is_mig"] is True and s.inventory()[0]["gpu_physical_index"] == 1
 
 
-def test_failing_device_beside_working_one(caplog):
-    caplog.set_level("INFO", logger="flowcept.telemetry")
+def test_failing_device_beside_working_one(telemetry_logs):
     gpus = three_gpus()
     gpus[1].fail["*"] = fnv.NVML_ERROR_GPU_IS_LOST
     gpus[2].fail["nvmlDeviceGetHandleByIndex"] = fnv.NVML_ERROR_NO_PERMISSION
@@ -166,7 +182,7 @@ def test_failing_device_beside_working_one(caplog):
     assert all(lost[k] is None for k in ("gpu_utilization_percent", "gpu_memory_used_bytes",
                                          "gpu_power_watts", "gpu_energy_joules", "gpu_processes"))
     assert second[0]["gpu_temperature_celsius"] == 55
-    power_logs = [r for r in caplog.records if "gpu 1" in r.message and "power" in r.message]
+    power_logs = [r for r in telemetry_logs if "gpu 1" in r.getMessage() and "power" in r.getMessage()]
     assert len(power_logs) == 1  # logged once, not on every sample
 
 

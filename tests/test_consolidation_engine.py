@@ -1,0 +1,149 @@
+"""Consolidation: virtual nodes, srun-style ranks without MPI, duplicates, torn lines, exact ids."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import orjson
+import pytest
+
+from flowcept.consolidation import SeenIds, consolidate, consolidated_path, read_records
+
+APP = Path(__file__).parent / "mpi_apps" / "plain_app.py"
+
+
+def _task(task_id: str, workflow_id: str, **extra: object) -> dict:
+    record = {"type": "task", "task_id": task_id, "workflow_id": workflow_id, "activity_id": "a",
+              "started_at": extra.pop("started_at", 1.0), "rank": 0}
+    record.update(extra)
+    return record
+
+
+def _write(path: Path, records: List[dict], tail: bytes = b"") -> None:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records) + tail)
+
+
+def _run_ranks(tmp: Path, nodes: int, per_node: int) -> List[dict]:
+    """Start nodes*per_node plain processes as one Slurm step (no MPI), on virtual nodes."""
+    size = nodes * per_node
+    procs = []
+    for rank in range(size):
+        node = f"vnode{rank // per_node}"
+        env: Dict[str, str] = dict(os.environ)
+        env.update({"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank),
+                    "SLURM_NTASKS": str(size), "SLURM_LOCALID": str(rank % per_node),
+                    "FLOWCEPT_HOSTNAME": node, "FLOWCEPT_NODE_NAME": node, "FLOWCEPT_MPI": "0",
+                    "FLOWCEPT_PROJECT_DUMP_BUFFER_PATH": str(tmp / "flowcept_buffer.jsonl")})
+        procs.append(subprocess.Popen([sys.executable, str(APP), str(tmp), "4"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err.decode()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    return [orjson.loads((tmp / f"rank{r}.json").read_bytes()) for r in range(size)]
+
+
+@pytest.mark.parametrize("nodes,per_node", [(1, 4), (4, 4)], ids=["srun-4-ranks", "4-nodes-x-4-ranks"])
+def test_ranks_without_mpi_agree_and_merge(flowcept_tmp: Path, nodes: int, per_node: int) -> None:
+    results = _run_ranks(flowcept_tmp, nodes, per_node)
+    workflow_ids = {r["workflow_id"] for r in results}
+    assert len(workflow_ids) == 1, "ranks of one job step must agree on the workflow id"
+    assert len({r["campaign_id"] for r in results}) == 1
+    assert all(r["output_path"] is None for r in results)  # no MPI: nobody can wait for all ranks
+    workflow_id = workflow_ids.pop()
+    sources = list(flowcept_tmp.glob(f"flowcept_buffer_{workflow_id}_*.jsonl"))
+    assert {p.name.split("_")[3] for p in sources} == {f"vnode{n}" for n in range(nodes)}
+    report = consolidate(str(flowcept_tmp / "flowcept_buffer.jsonl"), workflow_id)
+    records = read_records(report.output_path)
+    tasks = [r for r in records if r["type"] == "task"]
+    assert sorted(t["task_id"] for t in tasks) == sorted(i for r in results for i in r["task_ids"])
+    assert {t["hostname"] for t in tasks} == {f"vnode{n}" for n in range(nodes)}
+    assert {(t["node_name"], t["rank"]) for t in tasks} == {(f"vnode{r // per_node}", r)
+                                                            for r in range(nodes * per_node)}
+    assert [r["type"] for r in records].count("workflow") == 1
+    assert report.removed and not report.kept_live
+
+
+def test_duplicates_torn_lines_and_prefix_sharing_ids(flowcept_tmp: Path) -> None:
+    base = flowcept_tmp / "flowcept_buffer.jsonl"
+    wf, other = "wf1", "wf1_b"  # `other` shares wf1's prefix: its files must stay out
+    _write(flowcept_tmp / "flowcept_buffer_wf1_h1_1.jsonl",
+           [_task(f"00000000000000aa.{i}", wf) for i in range(1, 101)]
+           + [{"type": "workflow", "workflow_id": wf, "name": "x", "started_at": 1.0, "utc_timestamp": 1.0}],
+           tail=b'{"type":"task","task_id":"00000000000000aa.999","workf')  # torn by a kill
+    # The daemon file of the node holds half of them again (spilled batches) and a user id twice.
+    _write(flowcept_tmp / "flowcept_buffer_wf1_node-h1.jsonl",
+           [_task(f"00000000000000aa.{i}", wf) for i in range(50, 151)]
+           + [_task("user-task", wf), _task("user-task", wf), {"type": "telemetry", "workflow_id": wf,
+                                                               "node_name": "h1", "timestamp": 2.0}]
+           + [{"type": "workflow", "workflow_id": wf, "status": "FINISHED", "ended_at": 9.0,
+               "utc_timestamp": 9.0}])
+    (flowcept_tmp / "flowcept_buffer_wf1_node-h2.jsonl").write_bytes(
+        orjson.dumps(_task("00000000000000bb.1", wf)) + b"\nnot json at all\n"
+        + orjson.dumps(_task("00000000000000bb.2", wf)) + b"\n")
+    _write(flowcept_tmp / "flowcept_buffer_wf1_b_h1_2.jsonl", [_task("00000000000000cc.1", other)])
+
+    report = consolidate(str(base), wf)
+    records = read_records(report.output_path)
+    ids = [r.get("task_id") for r in records if r["type"] == "task"]
+    assert len(ids) == len(set(ids)) == 150 + 1 + 2
+    assert "00000000000000cc.1" not in ids
+    assert report.duplicates == 51 + 1
+    assert sorted(n for _, n in report.bad_lines) == [2, 102]
+    assert any(p.endswith("node-h2.jsonl") for p, _ in report.bad_lines)
+    workflow = records[-1]
+    assert workflow["type"] == "workflow" and workflow["name"] == "x" and workflow["status"] == "FINISHED"
+    assert (flowcept_tmp / "flowcept_buffer_wf1_b_h1_2.jsonl").exists()
+    assert [p.name for p in flowcept_tmp.glob("flowcept_buffer_wf1_*")] == ["flowcept_buffer_wf1_b_h1_2.jsonl"]
+    assert not list(flowcept_tmp.glob("*.tmp"))
+
+    # Idempotent: a second run (its output is now the only source) gives the same file.
+    first = Path(report.output_path).read_bytes()
+    again = consolidate(str(base), wf)
+    assert Path(again.output_path).read_bytes() == first
+    assert again.duplicates == 0
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "hdf5"])
+def test_idempotent_and_ordered_by_time(flowcept_tmp: Path, fmt: str) -> None:
+    if fmt == "hdf5":
+        pytest.importorskip("h5py")
+    base = str(flowcept_tmp / "flowcept_buffer.jsonl")
+    _write(flowcept_tmp / "flowcept_buffer_w_h_1.jsonl",
+           [_task(f"0000000000000001.{i}", "w", started_at=100.0 - i) for i in range(1, 6)])
+    _write(flowcept_tmp / "flowcept_buffer_w_h_2.jsonl",
+           [_task(f"0000000000000002.{i}", "w", started_at=50.0 + i) for i in range(1, 6)]
+           + [{"type": "workflow", "workflow_id": "w", "started_at": 0.5}])
+    seen: List[int] = []
+    total = sum(p.stat().st_size for p in flowcept_tmp.glob("flowcept_buffer_w_*.jsonl"))
+    report = consolidate(base, "w", output_format=fmt, order_by_time=True, progress=seen.append)
+    assert sum(seen) == total
+    records = read_records(report.output_path)
+    starts = [r["started_at"] for r in records if r["type"] == "task"]
+    assert starts == sorted(starts) and len(starts) == 10
+    assert records[-1]["type"] == "workflow"
+    again = consolidate(base, "w", output_format=fmt, order_by_time=True)
+    assert read_records(again.output_path) == records
+    assert again.output_path == consolidated_path(base, "w", fmt)
+
+
+def test_seen_ids_cost_about_one_byte_per_record() -> None:
+    seen = SeenIds()
+    prefixes = tuple(f"{p:016x}".encode() for p in range(4))
+    for prefix in prefixes:
+        counters = tuple(str(i).encode() for i in range(1, 50001))
+        assert seen.add_block((b"task",) * len(counters), (prefix,) * len(counters), counters) is None
+    assert seen.memory_bytes() < 4 * 50000 * 2.1  # arrays grow by doubling
+    keep = seen.add_block((b"task",) * 3, (prefixes[0],) * 3, (b"7", b"60000", b"60000"))
+    assert keep == [False, True, False]
+    assert seen.add_key(b"t" + prefixes[1] + b".8") is False
+    assert seen.add_key(b"tuser-id") is True and seen.add_key(b"tuser-id") is False

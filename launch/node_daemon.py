@@ -27,6 +27,9 @@ from typing import Any, Dict, Mapping, Optional
 from flowcept import protocol
 
 _STOP_TIMEOUT_S = 20.0
+# The launchers stop their daemon themselves; the idle exit only guards against an orphan, so it
+# waits long enough for a slow rank to register after a fast one said goodbye.
+_IDLE_GRACE_S = 5.0
 
 
 def _say(message: str) -> None:
@@ -69,8 +72,9 @@ def daemon_available() -> Optional[str]:
 class NodeDaemon:
     """The launcher's view of its node's daemon (one object per rank)."""
 
-    def __init__(self, directory: str, is_starter: bool, local_ranks: int):
+    def __init__(self, directory: str, is_starter: bool, local_ranks: int, env: Dict[str, str]):
         self.directory = directory
+        self.env = env
         self.is_starter = is_starter
         self.local_ranks = local_ranks
         self.process: Optional[subprocess.Popen] = None
@@ -88,17 +92,18 @@ class NodeDaemon:
             except FileNotFoundError:
                 pass
         settings = launcher.settings
-        command = [sys.executable, "-m", "flowcept.daemon", "--runtime-dir", self.directory,
-                   "--base-path", launcher.base_path, "--exit-when-idle"]
+        command = [sys.executable, "-m", "flowcept.daemon", "--node", launcher.placement.node_name,
+                   "--output", launcher.base_path, "--exit-when-idle", "--idle-grace", str(_IDLE_GRACE_S)]
+        if settings["daemon.runtime_dir"]:
+            command += ["--runtime-dir", settings["daemon.runtime_dir"]]
         interval = launcher.options.telemetry_interval_s
-        if interval is None:
-            interval = settings["daemon.telemetry_interval_s"]
-        command += ["--telemetry-interval", str(interval)]
+        if interval is not None:
+            command += ["--telemetry-interval", str(interval)]
         log = open(os.path.join(self.directory, "daemon.log"), "ab")
         try:
             # A new session: a Ctrl-C meant for the application does not cut the daemon's flush short.
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                            env=dict(launcher.env), start_new_session=True)
+                                            env=self.env, start_new_session=True)
         finally:
             log.close()
 
@@ -173,11 +178,14 @@ def attach_node_daemon(launcher: Any, enabled: bool) -> Optional[NodeDaemon]:
         return None
     from flowcept.launch.ids import launch_key
 
-    job = launch_key(launcher.placement, env) or f"pid{os.getpid()}"
-    directory = protocol.runtime_dir(base=launcher.settings["daemon.runtime_dir"],
-                                     node=launcher.placement.node_name, job=job, env=env)
+    daemon_env = dict(env)
+    if protocol.job_key(daemon_env) == "nojob":
+        # mpirun without a batch system: the daemon's directory is keyed by this launch instead.
+        daemon_env["FLOWCEPT_JOB_ID"] = launch_key(launcher.placement, env) or f"pid{os.getpid()}"
+    directory = protocol.runtime_dir(launcher.settings["daemon.runtime_dir"], node=launcher.placement.node_name,
+                                     env=daemon_env)
     daemon = NodeDaemon(directory, is_starter=launcher.local_rank == 0,
-                        local_ranks=local_size(env, launcher.placement))
+                        local_ranks=local_size(env, launcher.placement), env=daemon_env)
     try:
         if daemon.is_starter:
             daemon.start(launcher)

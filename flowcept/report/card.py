@@ -289,14 +289,27 @@ def _range(ranks: set) -> str:
 
 
 def _machine_line(machine: Dict[str, Any]) -> str:
-    parts = []
-    for key in ("platform", "system", "os", "cpu_model", "cpu", "cpu_count_logical", "cpu_count",
-                "memory_total_bytes", "python_version"):
+    """OS, CPU, memory, GPUs and Python of the machine_info record, in one line."""
+
+    def sub(key: str) -> Dict[str, Any]:
         value = machine.get(key)
-        if value is None or isinstance(value, (dict, list)):
-            continue
-        parts.append(f"{key}={fmt_bytes(value) if key.endswith('_bytes') else value}")
-    return "; ".join(parts[:6]) or _short_json(machine)
+        return value if isinstance(value, dict) else {}
+
+    parts = []
+    os_info, cpu, memory, python, gpu = sub("os"), sub("cpu"), sub("memory"), sub("python"), sub("gpu")
+    if os_info.get("system"):
+        parts.append(f"{os_info['system']} {os_info.get('release') or ''}".strip())
+    if cpu.get("model") or cpu.get("count_logical"):
+        parts.append(f"{cpu.get('model') or 'CPU'} ×{cpu.get('count_logical') or '?'}")
+    if memory.get("total_bytes"):
+        parts.append(f"{fmt_bytes(memory['total_bytes'])} RAM")
+    devices = gpu.get("devices") if isinstance(gpu.get("devices"), list) else []
+    if devices:
+        names = sorted({str(d.get("gpu_name") or d.get("name") or "GPU") for d in devices if isinstance(d, dict)})
+        parts.append(f"{len(devices)} GPU(s): {', '.join(names)}")
+    if python.get("version"):
+        parts.append(f"{python.get('implementation') or 'Python'} {python['version']}")
+    return "; ".join(parts) or _short_json(machine)
 
 
 def _short_json(value: Any, limit: int = 200) -> str:

@@ -212,7 +212,10 @@ def _durations_page(figure_cls: Any, summary: Summary) -> Any:
     fig = figure_cls(figsize=PAGE)
     ax_box = fig.add_subplot(1, 2, 1)
     data = [np.maximum(np.frombuffer(a.durations, dtype=np.float64), 1e-7) for _, a in top]
-    ax_box.boxplot(data, vert=False, showfliers=False, whis=(1, 99))
+    try:
+        ax_box.boxplot(data, orientation="horizontal", showfliers=False, whis=(1, 99))
+    except TypeError:  # matplotlib < 3.10
+        ax_box.boxplot(data, vert=False, showfliers=False, whis=(1, 99))
     ax_box.set_yticks(range(1, len(top) + 1))
     ax_box.set_yticklabels([name[:28] for name, _ in top], fontsize=7)
     ax_box.set_xscale("log")

@@ -165,3 +165,45 @@ def test_sbatch_single_node_example(tmp_path: Path, jobs: List[str]) -> None:
     assert len(process_tasks(records)) == 4, log
     assert len([r for r in records if r.get("activity_id") == "app_step"]) > 0, log
     assert output in log
+
+
+def test_srun_with_node_daemon_has_node_telemetry(tmp_path: Path) -> None:
+    proc = srun("--telemetry-interval", "0.05", sys.executable, APP, "--tasks", "2", daemon=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"each rank writes its own file" not in proc.stderr, proc.stderr.decode()
+    records = read_lines(outputs(tmp_path)[0])
+    assert sorted(r["rank"] for r in process_tasks(records)) == [0, 1, 2, 3]
+    assert len([r for r in records if r.get("activity_id") == "app_step"]) == 8
+    assert [r for r in records if r["type"] == "telemetry"], "no node telemetry from the daemon"
+    assert len({r["workflow_id"] for r in records}) == 1
+
+
+def test_daemon_killed_mid_job_loses_nothing(tmp_path: Path) -> None:
+    import signal
+
+    import orjson
+
+    from flowcept import protocol
+
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    step = subprocess.Popen(["srun", "-n", "4", *LAUNCH, sys.executable, APP, "--tasks", "3", "--pause", str(pause)],
+                            env=slurm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(list(pause.glob("ready-*"))) == 4, 60, "4 ranks to reach the pause")
+        address = (pause / "ready-0").read_text()
+        assert address.startswith("ipc://"), address
+        directory = os.path.dirname(address[len("ipc://"):])
+        ready = orjson.loads(Path(protocol.ready_path(directory)).read_bytes())
+        os.kill(ready["pid"], signal.SIGKILL)
+        (pause / "go").touch()
+        out, err = step.communicate(timeout=90)
+    finally:
+        if step.poll() is None:
+            step.kill()
+            step.wait()
+    assert step.returncode == 0, err.decode()
+    records = read_lines(outputs(tmp_path)[0])
+    assert len(process_tasks(records)) == 4
+    assert len([r for r in records if r.get("activity_id") == "app_step"]) == 12
+    assert len([r for r in records if r.get("activity_id") == "app_step_after"]) == 12

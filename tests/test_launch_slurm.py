@@ -148,7 +148,8 @@ def test_two_steps_at_once_do_not_mix(tmp_path: Path) -> None:
 def test_sbatch_single_node_example(tmp_path: Path, jobs: List[str]) -> None:
     script = REPO / "slurm_examples" / "single_node" / "job.sbatch"
     submit = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", f"--output={tmp_path}/job.out",
-                             str(script)], env=slurm_env(FLOWCEPT_EXAMPLE_PYTHON=sys.executable),
+                             str(script)], env=slurm_env(FLOWCEPT_EXAMPLE_PYTHON=sys.executable,
+                                           FLOWCEPT_EXAMPLES_DIR=str(REPO / "slurm_examples")),
                             capture_output=True, text=True, timeout=30)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]

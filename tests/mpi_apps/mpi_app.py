@@ -62,7 +62,18 @@ if mode == "die":
     report(flowcept, ids, time.perf_counter() - began)
     sys.exit(0)
 
-flowcept = Flowcept(workflow_name="mpi-app")
+class TimedFlowcept(Flowcept):
+    """Measures stop() (for benchmarks/bench_consolidation.py)."""
+
+    stop_s = None
+
+    def stop(self):
+        began = time.perf_counter()
+        super().stop()
+        self.stop_s = time.perf_counter() - began
+
+
+flowcept = TimedFlowcept(workflow_name="mpi-app")
 ids = []
 error = None
 try:
@@ -72,6 +83,6 @@ try:
             raise RuntimeError("rank 2 failed on purpose")
 except RuntimeError as exc:
     error = str(exc)
-report(flowcept, ids, error=error)
+report(flowcept, ids, flowcept.stop_s, error=error)
 if error:
     sys.exit(3)

@@ -28,15 +28,21 @@ def _settings() -> Any:
     return load_settings()
 
 
-def _runtime_dir(runtime_base: Optional[str], node: Optional[str]) -> str:
+def _runtime_dir(runtime_dir: Optional[str], runtime_base: Optional[str], node: Optional[str]) -> str:
+    """The exact directory given, else ``<base>/flowcept-<uid>/<node>.<job>.<step>``."""
+    if runtime_dir:
+        return os.path.abspath(runtime_dir)
     settings = _settings()
     return protocol.runtime_dir(runtime_base or settings["daemon.runtime_dir"], node=node)
 
 
 def _daemon_options(function: Any) -> Any:
     options = [
-        click.option("--runtime-dir", "runtime_base", default=None,
-                     help="Base of the per-user runtime directory [daemon.runtime_dir]."),
+        click.option("--runtime-dir", "runtime_dir", default=None,
+                     help="The daemon's runtime directory itself (socket, ready file); default: "
+                          "<runtime base>/flowcept-<uid>/<node>.<job>.<step>."),
+        click.option("--runtime-base", "runtime_base", default=None,
+                     help="Base of the per-user runtime directories [daemon.runtime_dir]."),
         click.option("--node", default=None, help="Node name (default: FLOWCEPT_NODE_NAME, SLURMD_NODENAME, host)."),
     ]
     for option in reversed(options):
@@ -46,7 +52,7 @@ def _daemon_options(function: Any) -> Any:
 
 def _run_options(function: Any) -> Any:
     options = [
-        click.option("--output", "base_path", default=None,
+        click.option("--base-path", "--output", "base_path", default=None,
                      help="Base path of output files when a client gives none [project.dump_buffer.path]."),
         click.option("--sinks", default=None, help="Comma-separated sinks: jsonl, hdf5 [daemon.sinks]."),
         click.option("--telemetry-interval", type=float, default=None,
@@ -73,7 +79,8 @@ def _run_options(function: Any) -> Any:
     return function
 
 
-def build_config(runtime_base: Optional[str] = None, node: Optional[str] = None, **options: Any) -> Any:
+def build_config(runtime_dir: Optional[str] = None, runtime_base: Optional[str] = None,
+                 node: Optional[str] = None, **options: Any) -> Any:
     """A DaemonConfig from settings plus the given command-line options (None: the setting)."""
     from flowcept.daemon.server import DaemonConfig
 
@@ -85,7 +92,8 @@ def build_config(runtime_base: Optional[str] = None, node: Optional[str] = None,
 
     sinks = options.get("sinks")
     return DaemonConfig(
-        runtime_dir=protocol.runtime_dir(runtime_base or settings["daemon.runtime_dir"], node=node),
+        runtime_dir=(os.path.abspath(runtime_dir) if runtime_dir
+                     else protocol.runtime_dir(runtime_base or settings["daemon.runtime_dir"], node=node)),
         base_path=os.path.abspath(pick(options.get("base_path"), "project.dump_buffer.path")),
         node=node,
         sinks=[s.strip() for s in sinks.split(",") if s.strip()] if sinks else list(settings["daemon.sinks"]),
@@ -140,22 +148,19 @@ daemon_group.add_command(run_command)
 @_daemon_options
 @_run_options
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for readiness.")
-def start_command(runtime_base: Optional[str], node: Optional[str], timeout: float, **options: Any) -> None:
+def start_command(runtime_dir: Optional[str], runtime_base: Optional[str], node: Optional[str], timeout: float,
+                  **options: Any) -> None:
     """Start the daemon in the background; prints its address once it is ready."""
-    directory = _runtime_dir(runtime_base, node)
+    directory = _runtime_dir(runtime_dir, runtime_base, node)
     ready = protocol.read_ready(directory)
     if ready and _alive(ready.get("pid")):
         click.echo(ready["address"])
         return
-    args = [sys.executable, "-m", "flowcept.daemon"]
-    if runtime_base:
-        args += ["--runtime-dir", runtime_base]
+    args = [sys.executable, "-m", "flowcept.daemon", "--runtime-dir", directory]
     if node:
         args += ["--node", node]
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
-        if name == "base_path":
-            flag = "--output"
         if value is True:
             args.append(flag)
         elif value not in (None, False):
@@ -181,9 +186,10 @@ def start_command(runtime_base: Optional[str], node: Optional[str], timeout: flo
 @daemon_group.command("stop")
 @_daemon_options
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the exit.")
-def stop_command(runtime_base: Optional[str], node: Optional[str], timeout: float) -> None:
+def stop_command(runtime_dir: Optional[str], runtime_base: Optional[str], node: Optional[str],
+                 timeout: float) -> None:
     """SIGTERM the daemon (it drains, flushes and closes its files) and wait for it to exit."""
-    directory = _runtime_dir(runtime_base, node)
+    directory = _runtime_dir(runtime_dir, runtime_base, node)
     ready = protocol.read_ready(directory)
     pid = ready.get("pid") if ready else None
     if not _alive(pid):
@@ -202,12 +208,13 @@ def stop_command(runtime_base: Optional[str], node: Optional[str], timeout: floa
 @_daemon_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
 @click.option("--address", default=None, help="Ask this address instead of the local runtime directory.")
-def status_command(runtime_base: Optional[str], node: Optional[str], as_json: bool, address: Optional[str]) -> None:
+def status_command(runtime_dir: Optional[str], runtime_base: Optional[str], node: Optional[str], as_json: bool,
+                   address: Optional[str]) -> None:
     """What the daemon holds: clients, counters, files, latest telemetry."""
     from flowcept.daemon_link import daemon_status
 
     if address is None:
-        ready = protocol.read_ready(_runtime_dir(runtime_base, node))
+        ready = protocol.read_ready(_runtime_dir(runtime_dir, runtime_base, node))
         address = ready.get("address") if ready else None
     status = daemon_status(address, timeout_s=3.0) if address else None
     if status is None:

@@ -249,10 +249,16 @@ def ipc_address(directory: str) -> str:
 
 
 def make_private_dir(directory: str) -> None:
-    """Create ``directory`` and its per-user parent with mode 0700; refuse one another user owns."""
+    """Create ``directory`` with mode 0700 (and its ``flowcept-<uid>`` parent); refuse another user's.
+
+    Only the directory itself (and a ``flowcept-<uid>`` parent) is made private: a socket in a
+    0700 directory cannot be reached by other users. Other ancestors are never chmod-ed.
+    """
+    directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
-    os.makedirs(os.path.dirname(parent), exist_ok=True)
-    for path in (parent, directory):
+    secure = [parent, directory] if os.path.basename(parent).startswith("flowcept-") else [directory]
+    os.makedirs(os.path.dirname(secure[0]), exist_ok=True)
+    for path in secure:
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:

@@ -128,10 +128,9 @@ class Pipeline:
             if group is None:
                 groups[workflow_id] = group = []
             group.append(record)
-        dumps_line = serialization.dumps_line
         for workflow_id, records in groups.items():
             try:
-                payload = b"".join([dumps_line(r) for r in records])
+                payload = serialization.dumps_lines(records)
                 self.records_serialized += len(records)
                 self.transport.send(workflow_id, payload, len(records))
                 self.view.add(workflow_id, records)

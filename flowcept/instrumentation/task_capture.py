@@ -13,6 +13,7 @@ from flowcept.records import Status
 _ids = id_factory()
 _FINISHED = Status.FINISHED.value
 _ERROR = Status.ERROR.value
+_FINISHED_STATUS = Status.FINISHED  # identity check: Enum .value costs ~0.2 µs on the hot path
 
 
 def _status_text(status: Any) -> Any:
@@ -91,7 +92,7 @@ class FlowceptTask:
             self.end(generated=generated, ended_at=ended_at, stdout=stdout, stderr=stderr,
                      status=status or Status.FINISHED)
 
-    def __enter__(self) -> "FlowceptTask":
+    def __enter__(self) -> FlowceptTask:
         if self._record is not None:
             self._token = current_task_id.set(self._record["task_id"])
         return self
@@ -119,7 +120,8 @@ class FlowceptTask:
         self._ended = True
         record = self._record
         record["ended_at"] = ended_at or time()
-        record["status"] = _FINISHED if status is None else _status_text(status)
+        record["status"] = (_FINISHED if status is None or status is _FINISHED_STATUS
+                            else _status_text(status))
         if generated is not None:
             record["generated"] = generated
         if stdout is not None:

@@ -136,16 +136,20 @@ class _GroupWriter:
         string = self.h5py.string_dtype("utf-8")
         for name in STRING_COLUMNS:
             values = np.empty(len(records), dtype=object)
-            values[:] = [_text(r.get(name)) for r in records]
+            values[:] = [r.get(name) or "" for r in records]
+            if not all(type(v) is str for v in values):  # rare: numbers or objects as ids
+                values[:] = [_text(v) if type(v) is not str else v for v in values]
             app.append(name, values, string)
         for name in FLOAT_COLUMNS:
-            values = [r.get(name) for r in records]
-            app.append(name, np.array([v if isinstance(v, (int, float)) else math.nan for v in values],
-                                      dtype=np.float64), np.float64, fill=math.nan)
+            column = [r.get(name) for r in records]
+            try:  # the common case: every value a number or None (None -> NaN)
+                array = np.array(column, dtype=np.float64)
+            except (TypeError, ValueError):
+                array = np.array([_number(v) for v in column], dtype=np.float64)
+            app.append(name, array, np.float64, fill=math.nan)
         for name in INT_COLUMNS:
-            values = [r.get(name) for r in records]
-            app.append(name, np.array([v if isinstance(v, int) and not isinstance(v, bool) else -1
-                                       for v in values], dtype=np.int64), np.int64, fill=-1)
+            app.append(name, np.array([v if type(v) is int else -1 for v in (r.get(name) for r in records)],
+                                      dtype=np.int64), np.int64, fill=-1)
 
     def _telemetry(self, app: _Appender, records: List[dict]) -> None:
         np = self.np
@@ -272,9 +276,13 @@ def write_hdf5(path: str, merged: Iterable[Tuple[bytes, Optional[dict]]], workfl
     try:
         with h5py.File(tmp, "w") as handle:
             writers = {name: _GroupWriter(name, handle, np, h5py) for name in GROUPS}
+            tasks = writers["tasks"]
             for line, record in merged:
-                group, parsed = _kind(line, record)
-                writers[group].add(count, line, parsed)
+                if record is None and line.startswith(b'{"type":"task"'):
+                    tasks.add(count, line, None)  # the common case, without a call to _kind
+                else:
+                    group, parsed = _kind(line, record)
+                    writers[group].add(count, line, parsed)
                 count += 1
             for writer in writers.values():
                 writer.close()

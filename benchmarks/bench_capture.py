@@ -132,8 +132,8 @@ def bench_memory(n: int) -> float:
     return grown / n
 
 
-def bench_import(python: str, repeats: int, cwd: str, env: dict) -> float:
-    code = "import time; t = time.perf_counter(); import flowcept; print(time.perf_counter() - t)"
+def bench_import(python: str, repeats: int, cwd: str, env: dict, what: str = "import flowcept") -> float:
+    code = f"import time; t = time.perf_counter(); {what}; print(time.perf_counter() - t)"
     times = []
     for _ in range(repeats):
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=cwd, env=env,
@@ -147,10 +147,10 @@ def measure(n: int, repeats: int, memory_n: int) -> dict:
     import flowcept
 
     results = {"package": which_flowcept(), "version": getattr(flowcept, "__version__", "?"), "n": n}
+    results["memory_bytes_per_record"] = bench_memory(memory_n)  # first: a fresh heap
     for name, func in (("plain_us", bench_plain), ("task_us", bench_task), ("decorator_us", bench_decorator),
                        ("loop_us", bench_loop)):
         results[name] = min(func(n) for _ in range(repeats))
-    results["memory_bytes_per_record"] = bench_memory(memory_n)
     results["memory_n"] = memory_n
     return results
 
@@ -176,6 +176,10 @@ def run_child(python: str, args: argparse.Namespace) -> dict:
             raise RuntimeError(f"benchmark under {python} failed:\n{out.stderr[-4000:]}")
         results = json.loads(out.stdout.strip().splitlines()[-1])
         results["import_ms"] = bench_import(python, args.import_repeats, scratch, env)
+        results["import_api_ms"] = bench_import(
+            python, args.import_repeats, scratch, env,
+            "from flowcept import Flowcept, FlowceptTask, flowcept_task; "
+            "from flowcept.instrumentation.flowcept_loop import FlowceptLoop")
         results["python"] = python
         return results
 
@@ -184,6 +188,7 @@ def report(runs: list) -> None:
     rows = [("plain call (µs)", "plain_us", None), ("FlowceptTask (µs/task)", "task_us", "task_us"),
             ("@flowcept_task (µs/call)", "decorator_us", "decorator_us"),
             ("FlowceptLoop (µs/iter)", "loop_us", "loop_us"), ("import flowcept (ms)", "import_ms", "import_ms"),
+            ("import public API (ms)", "import_api_ms", "import_ms"),
             ("RSS per record (bytes)", "memory_bytes_per_record", None)]
     header = f"{'':28s}" + "".join(f"{r['package'] + ' ' + r['version']:>22s}" for r in runs)
     if len(runs) == 2:

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from flowcept.placement import Placement, detect, reset_placement
-
 from flowcept.launch.ids import agree_ids
+
+from flowcept.placement import Placement, detect, reset_placement
 
 logger = logging.getLogger(__name__)
 

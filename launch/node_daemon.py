@@ -126,7 +126,7 @@ class NodeDaemon:
             delay = min(delay * 2, 0.05)
 
     def goodbye(self, launcher: Any, interrupted: bool) -> None:
-        """This rank's records are flushed: say so; the starter then stops the daemon and waits."""
+        """Say this rank is flushed; the starter then stops the daemon and waits."""
         path = os.path.join(self.directory, f"bye-{launcher.rank}")
         try:
             with open(path, "w"):

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-
 from conftest import read_lines
 from flowcept.launch.__main__ import parse_args
 from flowcept.launch.ids import agree_ids
 from flowcept.launch.node_daemon import local_size
+
 from flowcept.placement import detect
 
 APP = str(Path(__file__).parent / "launch_apps" / "instrumented.py")

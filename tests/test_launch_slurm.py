@@ -11,12 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
-
 from conftest import read_lines, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,8 +95,8 @@ def test_sigterm_to_the_job_step_keeps_what_was_captured(tmp_path: Path, jobs: L
     hang = tmp_path / "hang"
     hang.mkdir()
     name = f"flowcept-term-{os.getpid()}-{tmp_path.name}"
-    step = subprocess.Popen(["srun", "-n", "4", f"--job-name={name}", *LAUNCH, "--no-daemon", "--no-consolidate", sys.executable, APP,
-                             "--hang", str(hang)], env=slurm_env(), stdout=subprocess.PIPE,
+    step = subprocess.Popen(["srun", "-n", "4", f"--job-name={name}", *LAUNCH, "--no-daemon", "--no-consolidate",
+                             sys.executable, APP, "--hang", str(hang)], env=slurm_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
         wait_for(lambda: len(list(hang.glob("ready-*"))) == 4, 60, "4 ranks to capture their tasks")

@@ -131,3 +131,12 @@ def test_failed_pdf_leaves_no_partial_file(flowcept_tmp):
     with pytest.raises(OSError):
         generate_report("provenance_report", "pdf", records=synthetic_job(10), output_path="out.pdf")
     assert sorted(p.name for p in flowcept_tmp.iterdir()) == ["out.pdf"]
+
+
+def test_pdf_of_200_ranks_on_20_nodes_groups_lanes_and_uses_heatmaps(flowcept_tmp):
+    records = synthetic_job(4000, ranks=200, hosts=20, gpus=1, seconds=20)
+    result = generate_report("provenance_report", "pdf", records=records, output_path="wide.pdf")
+    data = Path("wide.pdf").read_bytes()
+    assert result["pages"] == pdf_pages(Path("wide.pdf")) >= 5
+    # timeline image (200 ranks > 64 rows) plus node and GPU heatmaps (20 > 12 series)
+    assert len(re.findall(rb"/Subtype\s*/Image", data)) >= 4

@@ -150,8 +150,10 @@ def _timeline_page(figure_cls: Any, summary: Summary) -> Any:
         image = 1.0 - fraction[..., None] * (1.0 - rgb)  # white = idle, full colour = busy
         image[total == 0] = 1.0
         ax.imshow(image, aspect="auto", interpolation="nearest", extent=(0, span, n_lanes - 0.5, -0.5))
-        ax.set_title(f"Timeline: {n} tasks on {n_lanes} lanes, {bins} time bins "
-                     f"(colour: busiest activity, shade: busy fraction)")
+        grouped = len(summary.lane_names)
+        rows_text = f"{grouped} lanes" if grouped == n_lanes else f"{grouped} lanes in {n_lanes} rows"
+        ax.set_title(f"Timeline: {n} tasks on {rows_text}, {bins} time bins "
+                     f"(colour: busiest activity, shade: busy fraction)", fontsize=10)
     ax.set_xlabel("seconds since first task")
     step = max(1, n_lanes // 32)
     ax.set_yticks(range(0, n_lanes, step))
@@ -190,13 +192,20 @@ def _lane_sizes(summary: Summary, n_rows: int) -> Any:
     return sizes
 
 
+def natural_key(text: Any) -> Any:
+    """Sort key that puts node2 before node10."""
+    import re
+
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(text))]
+
+
 def _lane_sort_key(name: str) -> Any:
     if name.startswith("rank "):
         try:
             return (0, int(name[5:]), "")
         except ValueError:
             pass
-    return (1, 0, name)
+    return (1, 0, natural_key(name))
 
 
 # -- durations ------------------------------------------------------------------------------------------
@@ -255,7 +264,8 @@ def _series_panel(ax: Any, series_by_name: Any, field: str, t0: float, scale: fl
         ax.set_ylabel(ylabel)
         return True
     t_max = max(float(np.frombuffer(s.t, dtype=np.float64).max()) for _, s in items) - t0
-    bins = 200
+    # No more bins than samples per series, so a 1 Hz series over a minute has no empty columns.
+    bins = max(1, min(200, max(len(s.t) for _, s in items)))
     grid = np.full((len(items), bins), np.nan)
     for row, (_, s) in enumerate(items):
         t = np.frombuffer(s.t, dtype=np.float64) - t0
@@ -277,7 +287,7 @@ def _node_page(figure_cls: Any, summary: Summary) -> Any:
     if not summary.node_series:
         return None
     fig = figure_cls(figsize=PAGE)
-    named = sorted(summary.node_series.items())
+    named = sorted(summary.node_series.items(), key=lambda kv: natural_key(kv[0]))
     t0 = summary.t_min
     ax_cpu = fig.add_subplot(2, 1, 1)
     got_cpu = _series_panel(ax_cpu, named, "cpu_percent", t0, 1.0, "CPU %")
@@ -298,7 +308,8 @@ def _gpu_page(figure_cls: Any, summary: Summary) -> Any:
     if not summary.gpu_series:
         return None
     fig = figure_cls(figsize=PAGE)
-    named = [(f"{host}/gpu{gpu}", summary.gpu_series[(host, gpu)]) for host, gpu in summary.gpu_names()]
+    keys = sorted(summary.gpu_names(), key=lambda hg: (natural_key(hg[0]), natural_key(hg[1])))
+    named = [(f"{host}/gpu{gpu}", summary.gpu_series[(host, gpu)]) for host, gpu in keys]
     t0 = summary.t_min
     panels = (("gpu_utilization_percent", 1.0, "utilisation %"),
               ("gpu_memory_used_bytes", 1.0 / 2**30, "memory used (GiB)"),

@@ -101,6 +101,15 @@ def query_records(workflow_id: Optional[str] = None, campaign_id: Optional[str] 
     except ImportError:
         logger.info("no database API module; reading the workflow files on disk")
         return _records_from_files(workflow_id, campaign_id)
+    try:
+        out = _records_from_db(workflow_id, campaign_id)
+    except Exception as error:  # database down or not configured: the files on disk still hold the run
+        logger.warning("database query failed (%s); reading the workflow files on disk", error)
+        out = []
+    return out or _records_from_files(workflow_id, campaign_id)
+
+
+def _records_from_db(workflow_id: Optional[str], campaign_id: Optional[str]) -> List[Dict[str, Any]]:
     from flowcept.flowcept_api.flowcept_controller import Flowcept
 
     db = Flowcept.db
@@ -127,8 +136,6 @@ def query_records(workflow_id: Optional[str] = None, campaign_id: Optional[str] 
     out = [dict(w, type="workflow") for w in workflows if isinstance(w, dict)]
     out.extend(dict(t, type=t.get("type", "task")) for t in tasks if isinstance(t, dict))
     out.extend(dict(t, type="telemetry") for t in telemetry if isinstance(t, dict))
-    if not out:
-        out = _records_from_files(workflow_id, campaign_id)
     return out
 
 

@@ -379,7 +379,7 @@ class DaemonServer:
             return
         failed = set()
         for key, (payloads, count) in groups.items():
-            if not self._write(key, b"".join(payloads) if len(payloads) > 1 else payloads[0], count):
+            if not self._write(key, payloads, count):
                 failed.add(key)
         for identity, entries in acks.items():
             for seq, key, count, _client in entries:
@@ -388,14 +388,20 @@ class DaemonServer:
                     self._reply(sock, identity, protocol.encode_nack(seq, "write_failed"))
             self._reply(sock, identity, protocol.encode_ack(entries[-1][0]))
 
-    def _write(self, key: Tuple[str, Optional[str]], payload: bytes, count: int, telemetry: bool = False) -> bool:
+    def _write(self, key: Tuple[str, Optional[str]], payloads: List[bytes], count: int,
+               telemetry: bool = False) -> bool:
+        """Write whole JSONL payloads of one (base path, workflow) to every sink; False on failure."""
         try:
             for sink in self._sinks_for(key):
+                write_many = getattr(sink, "write_many", None)
+                if write_many is not None:
+                    write_many(payloads, count)
+                    continue
                 write_lines = getattr(sink, "write_lines", None)
                 if write_lines is not None:
-                    write_lines(payload, count)
+                    write_lines(b"".join(payloads), count)
                 else:
-                    sink.write([orjson.loads(line) for line in payload.splitlines()])
+                    sink.write([orjson.loads(line) for p in payloads for line in p.splitlines()])
         except Exception as error:
             reason = "disk full" if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else error
             logger.error("daemon could not write %d records of workflow %s: %s", count, key[1], reason)
@@ -507,7 +513,7 @@ class DaemonServer:
                                               default=str))
                 except TypeError:
                     self.counters.dropped += 1
-            if lines and not self._write(key, b"".join(lines), len(lines), telemetry=True):
+            if lines and not self._write(key, [b"".join(lines)], len(lines), telemetry=True):
                 self.counters.dropped += len(lines)
 
     def _housekeeping(self, now: float) -> None:

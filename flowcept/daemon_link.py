@@ -34,6 +34,8 @@ from flowcept import protocol
 logger = logging.getLogger(__name__)
 
 _REPROBE_S = 2.0
+_STALL_S = 0.5
+_MAX_UNACKED_BYTES = 256 * 1024 * 1024
 _SNDHWM = 1000
 _LINGER_MS = 1000
 
@@ -88,6 +90,8 @@ class DaemonLink:
         self._lock = threading.RLock()
         self._unacked: OrderedDict[int, Tuple[Optional[str], bytes, int, float]] = OrderedDict()
         self._seq = 0
+        self._unacked_bytes = 0
+        self.max_unacked_bytes = _MAX_UNACKED_BYTES
         self._registered = False
         self._workflows: List[Optional[str]] = []
         self._down_since: Optional[float] = None
@@ -218,6 +222,7 @@ class DaemonLink:
         """In a forked child: forget the parent's socket and unacknowledged batches."""
         self._closed = True
         self._unacked = OrderedDict()
+        self._unacked_bytes = 0
         self._socket = None
         self._context = None
         abandon = getattr(self.fallback, "abandon", None)
@@ -226,12 +231,31 @@ class DaemonLink:
 
     # -- internals (called with the lock held) ------------------------------------------------------
     def _writable(self) -> bool:
-        """Wait briefly for room toward a connected daemon (longer the first time: connecting)."""
-        wait_ms = 50 if self._ever_connected else int(min(1.0, self.ack_timeout_s) * 1000)
-        if self._socket.poll(wait_ms, self._zmq.POLLOUT):
-            self._ever_connected = True
-            return True
-        return False
+        """Room toward a connected daemon? Flow control: wait while the daemon keeps acknowledging.
+
+        The first call allows up to a second for the connection; later, a full window (high-water
+        mark or ``max_unacked_bytes``) waits for acknowledgements, but gives up after
+        ``_STALL_S`` without any (dead or stuck daemon): the caller then spills to the file.
+        """
+        socket, zmq = self._socket, self._zmq
+        if not self._ever_connected:
+            if socket.poll(int(min(1.0, self.ack_timeout_s) * 1000), zmq.POLLOUT):
+                self._ever_connected = True
+                return True
+            return False
+        deadline = time.monotonic() + self.ack_timeout_s
+        stalled_at = time.monotonic() + _STALL_S
+        while True:
+            if self._unacked_bytes <= self.max_unacked_bytes and socket.poll(0, zmq.POLLOUT):
+                return True
+            acked = self.records_acked
+            if socket.poll(20, zmq.POLLIN):
+                self._pump()
+            now = time.monotonic()
+            if self.records_acked != acked:
+                stalled_at = now + _STALL_S
+            if now >= deadline or now >= stalled_at:
+                return False
 
     def _register(self, workflow_id: Optional[str]) -> None:
         from flowcept.placement import current_placement
@@ -257,6 +281,7 @@ class DaemonLink:
             self._mark_down("the daemon is not connected or not keeping up")
             return False
         self._unacked[seq] = (workflow_id, payload, count, now)
+        self._unacked_bytes += len(payload)
         self.records_sent += count
         return True
 
@@ -284,13 +309,16 @@ class DaemonLink:
                 seq = next(iter(unacked))
                 if seq > upto:
                     break
-                self.records_acked += unacked.pop(seq)[2]
+                entry = unacked.pop(seq)
+                self.records_acked += entry[2]
+                self._unacked_bytes -= len(entry[1])
         elif message.kind == "nack":
             entry = self._unacked.pop(header.get("s"), None)
             self.batches_nacked += 1
             if header.get("r") == "unregistered":
                 self._registered = False
             if entry is not None:
+                self._unacked_bytes -= len(entry[1])
                 logger.debug("daemon refused batch %s (%s); spilling it", header.get("s"), header.get("r"))
                 self._spill(entry[0], entry[1], entry[2])
         elif message.kind == "pong" and self._down_since is not None:
@@ -336,6 +364,7 @@ class DaemonLink:
 
     def _spill_unacked(self, why: str) -> None:
         unacked, self._unacked = self._unacked, OrderedDict()
+        self._unacked_bytes = 0
         if unacked:
             logger.info("spilling %d unacknowledged batches (%s)", len(unacked), why)
         for workflow_id, payload, count, _ in unacked.values():

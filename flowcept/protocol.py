@@ -11,8 +11,9 @@ sequence number up to ``s`` is handled), ``nack`` (batch ``s`` was not written: 
 ``pong`` and ``status``. :func:`decode` rejects malformed, unknown-version, unknown-kind and
 oversized messages with :class:`ProtocolError`, whose ``reason`` the daemon counts.
 
-Payload checks are structural and run at memchr speed (every line starts with ``{`` and ends
-with ``}``, the number of lines equals ``n``); ``strict=True`` also parses every line.
+Payload checks are structural and run at memchr speed (the payload starts with ``{``, ends with
+``}\n`` and holds exactly ``n`` newlines); ``strict=True`` also parses every line. Lines a
+structural check lets through but JSON cannot parse are skipped and reported by consolidation.
 
 This module also names the per-user, per-job runtime directory where the daemon's ``ipc://``
 socket and ready file live (both ends and the launcher compute it the same way).
@@ -148,10 +149,8 @@ def decode(frames: Sequence[bytes], max_bytes: int, kinds: frozenset = CLIENT_KI
 
 
 def check_payload(payload: bytes, count: int, strict: bool = False) -> bool:
-    """True when ``payload`` is exactly ``count`` lines, each a JSON object (structurally)."""
-    if payload[:1] != b"{" or payload[-2:] != b"}\n":
-        return False
-    if payload.count(b"\n") != count or payload.count(b"}\n{") != count - 1:
+    """True when ``payload`` is ``count`` newline-terminated lines from ``{`` to ``}`` (one scan)."""
+    if payload[:1] != b"{" or payload[-2:] != b"}\n" or payload.count(b"\n") != count:
         return False
     if strict:
         loads = orjson.loads

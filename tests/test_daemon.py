@@ -153,7 +153,7 @@ def test_protocol_round_trip_and_rejections() -> None:
         "version": [[b'{"v":2,"k":"ping"}'], [b'{"k":"ping"}']],
         "kind": [[b'{"v":1,"k":"ack"}'], [b'{"v":1,"k":"shutdown"}']],
         "oversize": [protocol.encode_batch(1, "wf", payload * 100, 200)],
-        "payload": [protocol.encode_batch(1, "wf", payload, 3), protocol.encode_batch(1, "wf", b"{x}\n{", 2),
+        "payload": [protocol.encode_batch(1, "wf", payload, 3), protocol.encode_batch(1, "wf", b"{x}\n{", 1),
                     protocol.encode_batch(1, "wf", payload[:-1], 2)],
     }
     for reason, cases in bad.items():

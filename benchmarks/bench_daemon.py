@@ -1,0 +1,237 @@
+"""Node daemon speed, as ratios against baselines measured in the same run.
+
+1. Ingest: records/s from 1, 2 and 4 client processes (the real DaemonLink, acknowledged
+   batches) into one daemon writing JSONL, against raw pyzmq PUSH/PULL of the same batches to a
+   receiver that only counts them. Targets: >= 0.5x raw and >= 1 M records/s.
+2. Per-task cost of FlowceptTask in a client with the daemon link vs the per-process file.
+3. Daemon CPU when idle with 1 Hz telemetry sampling (% of one core). Target <= 0.2%.
+
+Usage: python benchmarks/bench_daemon.py [--records 400000] [--batch 1000] [--idle-seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import orjson
+
+CTX = mp.get_context("fork")
+
+
+def make_payload(batch: int, worker: int) -> bytes:
+    now = time.time()
+    lines = []
+    for i in range(batch):
+        lines.append(orjson.dumps({
+            "type": "task", "task_id": f"{worker:016x}.{i}", "workflow_id": "wf-bench", "campaign_id": "c",
+            "activity_id": "step", "used": {"i": i, "x": 1.5}, "generated": {"y": 3.0}, "status": "FINISHED",
+            "started_at": now, "ended_at": now + 0.001, "hostname": "node01", "pid": 4242, "rank": worker,
+        }, option=orjson.OPT_APPEND_NEWLINE))
+    return b"".join(lines)
+
+
+def link_client(address: str, base: str, batches: int, batch: int, worker: int, go, results) -> None:
+    from flowcept.daemon_link import DaemonLink
+    from flowcept.transport import FileTransport
+
+    payload = make_payload(batch, worker)
+    link = DaemonLink(address, fallback=FileTransport(base, "bench"), ack_timeout_s=30)
+    link.send("wf-bench", payload, batch)  # connect and register outside the timed part
+    link.flush(durable=True)
+    go.wait()
+    start = time.perf_counter()
+    for _ in range(batches):
+        link.send("wf-bench", payload, batch)
+    link.flush(durable=True)
+    end = time.perf_counter()
+    results.put((start, end, link.records_acked - batch, link.records_spilled))
+    link.close()
+
+
+def raw_client(address: str, batches: int, batch: int, worker: int, go, results) -> None:
+    import zmq
+
+    payload = make_payload(batch, worker)
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 1000)
+    push.connect(address)
+    go.wait()
+    start = time.perf_counter()
+    for _ in range(batches):
+        push.send_multipart([b'{"v":1,"k":"batch","s":1,"w":"wf-bench","n":1000}', payload])
+    results.put((start, None, batches * batch, 0))
+    push.close(linger=-1)
+    context.term()
+
+
+def raw_receiver(address: str, messages: int, bound, results) -> None:
+    import zmq
+
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 10000)
+    pull.bind(address)
+    bound.set()
+    for _ in range(messages):
+        pull.recv_multipart()
+    results.put(("receiver", time.perf_counter()))
+    pull.close(linger=0)
+    context.term()
+
+
+def start_daemon(workdir: str, *extra: str) -> tuple:
+    runtime = os.path.join(workdir, "rt")
+    process = subprocess.Popen([sys.executable, "-m", "flowcept.daemon", "--runtime-dir", runtime, "--no-gpu",
+                                "--base-path", os.path.join(workdir, "buf.jsonl"), *extra],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from flowcept import protocol
+
+    deadline = time.monotonic() + 30
+    while True:
+        ready = protocol.read_ready(runtime)
+        if ready and ready.get("pid") == process.pid:
+            return process, ready["address"]
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise SystemExit("daemon did not start: " + process.stderr.read().decode())
+        time.sleep(0.01)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def ingest_link(workdir: str, clients: int, total: int, batch: int) -> float:
+    process, address = start_daemon(workdir, "--no-telemetry")
+    try:
+        batches = max(1, total // clients // batch)
+        go, results = CTX.Event(), CTX.Queue()
+        procs = [CTX.Process(target=link_client, args=(address, os.path.join(workdir, "buf.jsonl"), batches,
+                                                        batch, w, go, results)) for w in range(clients)]
+        for proc in procs:
+            proc.start()
+        time.sleep(0.5)  # let every client connect and register (benchmark, not a test)
+        go.set()
+        rows = [results.get(timeout=120) for _ in procs]
+        for proc in procs:
+            proc.join(30)
+        spilled = sum(r[3] for r in rows)
+        acked = sum(r[2] for r in rows)
+        if spilled:
+            print(f"  warning: {spilled} records spilled to files")
+        return acked / (max(r[1] for r in rows) - min(r[0] for r in rows))
+    finally:
+        stop(process)
+
+
+def ingest_raw(workdir: str, clients: int, total: int, batch: int) -> float:
+    address = "ipc://" + os.path.join(workdir, "raw.sock")
+    batches = max(1, total // clients // batch)
+    go, results, bound = CTX.Event(), CTX.Queue(), CTX.Event()
+    receiver = CTX.Process(target=raw_receiver, args=(address, batches * clients, bound, results))
+    receiver.start()
+    bound.wait(30)
+    procs = [CTX.Process(target=raw_client, args=(address, batches, batch, w, go, results))
+             for w in range(clients)]
+    for proc in procs:
+        proc.start()
+    time.sleep(0.5)
+    go.set()
+    rows = [results.get(timeout=120) for _ in range(clients + 1)]
+    for proc in [*procs, receiver]:
+        proc.join(30)
+    end = [r[1] for r in rows if r[0] == "receiver"][0]
+    start = min(r[0] for r in rows if r[0] != "receiver")
+    return batches * clients * batch / (end - start)
+
+
+TASK_LOOP = r"""
+import os, sys, time
+from flowcept import Flowcept, FlowceptTask
+n = int(sys.argv[1])
+with Flowcept(workflow_id="wf-task-" + str(os.getpid())):
+    for i in range(2000):
+        with FlowceptTask(activity_id="warm", used={"i": i}) as t:
+            t.end(generated={"y": i})
+    best = None
+    for _ in range(3):
+        start = time.perf_counter()
+        for i in range(n):
+            with FlowceptTask(activity_id="step", used={"i": i}) as t:
+                t.end(generated={"y": i})
+        elapsed = (time.perf_counter() - start) / n
+        best = elapsed if best is None else min(best, elapsed)
+print(best * 1e6)
+"""
+
+
+def per_task_us(workdir: str, address: str, n: int) -> float:
+    env = dict(os.environ, FLOWCEPT_PROJECT_DUMP_BUFFER_PATH=os.path.join(workdir, "tasks.jsonl"),
+               FLOWCEPT_PROJECT_CONSOLIDATE_ON_STOP="false")
+    env.pop("FLOWCEPT_DAEMON_ADDRESS", None)
+    if address:
+        env["FLOWCEPT_DAEMON_ADDRESS"] = address
+    out = subprocess.run([sys.executable, "-c", TASK_LOOP, str(n)], env=env, capture_output=True, timeout=120)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr.decode())
+    return float(out.stdout.decode().strip().splitlines()[-1])
+
+
+def idle_cpu(workdir: str, seconds: float) -> float:
+    import psutil
+
+    process, _ = start_daemon(workdir, "--telemetry-interval", "1")
+    try:
+        proc = psutil.Process(process.pid)
+        time.sleep(1.5)  # past start-up and the first samples
+        before = proc.cpu_times()
+        start = time.monotonic()
+        time.sleep(seconds)
+        after = proc.cpu_times()
+        wall = time.monotonic() - start
+        return ((after.user + after.system) - (before.user + before.system)) / wall * 100
+    finally:
+        stop(process)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=400000, help="Records per ingest run.")
+    parser.add_argument("--batch", type=int, default=1000, help="Records per message.")
+    parser.add_argument("--tasks", type=int, default=20000, help="Tasks per per-task cost run.")
+    parser.add_argument("--idle-seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="fcb-")
+    try:
+        print(f"ingest: {args.records} records per run, {args.batch} per message, {os.cpu_count()} cores")
+        print(f"{'clients':>8} {'daemon rec/s':>14} {'raw PUSH/PULL rec/s':>20} {'ratio':>7}")
+        for clients in (1, 2, 4):
+            sub = tempfile.mkdtemp(dir=workdir)
+            raw = ingest_raw(sub, clients, args.records, args.batch)
+            daemon = ingest_link(sub, clients, args.records, args.batch)
+            print(f"{clients:>8} {daemon:>14,.0f} {raw:>20,.0f} {daemon / raw:>7.2f}")
+        sub = tempfile.mkdtemp(dir=workdir)
+        process, address = start_daemon(sub, "--no-telemetry")
+        try:
+            file_us = min(per_task_us(sub, "", args.tasks) for _ in range(2))
+            link_us = min(per_task_us(sub, address, args.tasks) for _ in range(2))
+        finally:
+            stop(process)
+        print(f"per task: file transport {file_us:.2f} us, daemon link {link_us:.2f} us, "
+              f"difference {link_us - file_us:+.2f} us (ratio {link_us / file_us:.2f})")
+        cpu = idle_cpu(tempfile.mkdtemp(dir=workdir), args.idle_seconds)
+        print(f"idle daemon with 1 Hz sampling: {cpu:.3f}% of one core")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -386,13 +386,17 @@ def _file_blocks(path: str, report: MergeReport) -> Iterator[Tuple[bytes, int]]:
 class _Merger:
     """The state of one merge: ids seen, workflow records, counters. Streams blocks of lines."""
 
-    def __init__(self, workflow_id: str, report: MergeReport, progress: Optional[Callable[[int], None]]):
+    def __init__(self, workflow_id: str, report: MergeReport, progress: Optional[Callable[[int], None]],
+                 dedup: bool = True):
         self.workflow_id = workflow_id
+        # One source holds each record once (one writer appends each batch once), so a
+        # single-file merge (every plain run's stop()) skips duplicate tracking entirely.
+        self.dedup = dedup
         self.wf_quoted = orjson.dumps(workflow_id)
         self.wf_field = b'"workflow_id":' + self.wf_quoted
         self.report = report
         self.progress = progress
-        self.seen = SeenIds()
+        self.seen = SeenIds() if dedup else None
         self.workflows: List[dict] = []
 
     def blocks(self, sources: List[str]) -> Iterator[Tuple[bytes, int, Optional[List[Optional[dict]]]]]:
@@ -411,6 +415,11 @@ class _Merger:
     def _block(self, path: str, block: bytes, first_line: int
                ) -> Iterator[Tuple[bytes, int, Optional[List[Optional[dict]]]]]:
         lines = block.count(b"\n")
+        if (not self.dedup and block.count(self.wf_field) == lines == block.count(b'"workflow_id":')
+                and b'{"type":"workflow"' not in block):
+            self.report.records_in += lines  # every line is a record of this workflow: copy as is
+            yield block, lines, None
+            return
         first = _FAST_FIRST.match(block)
         matches = _FAST_NEXT.findall(block) if first is not None else []
         if first is not None:
@@ -419,7 +428,7 @@ class _Merger:
             kinds, prefixes, counters, workflows = zip(*matches)
             if workflows.count(self.wf_quoted) == lines:
                 self.report.records_in += lines
-                keep = self.seen.add_block(kinds, prefixes, counters)
+                keep = self.seen.add_block(kinds, prefixes, counters) if self.seen is not None else None
                 if keep is None:
                     yield block, lines, None
                     return
@@ -452,7 +461,7 @@ class _Merger:
                 if record.get("type") == "workflow":
                     self.workflows.append(record)
                     continue
-            if key is not None and not self.seen.add_key(key):
+            if key is not None and self.seen is not None and not self.seen.add_key(key):
                 report.duplicates += 1
                 continue
             out.append(line)
@@ -467,9 +476,62 @@ def iter_merged(sources: List[str], workflow_id: str, report: MergeReport,
     yield from _lines(_Merger(workflow_id, report, progress).blocks(sources))
 
 
+_WORKFLOW_PAD = 512
+
+
+def workflow_start_line(record: dict) -> bytes:
+    """The workflow start record as a JSON line padded with spaces (valid JSON whitespace).
+
+    When a run's only source is the file of the process that started it, stop() merges the end
+    fields into this line in place and renames the file into the output: no rewrite of the
+    records. The padding is what the end fields need (status, ended_at, ...).
+    """
+    from flowcept.serialization import dumps
+
+    return dumps(record) + b" " * _WORKFLOW_PAD + b"\n"
+
+
+def _merge_in_place(source: str, output: str, workflow_id: str, update: Optional[dict],
+                    report: MergeReport) -> bool:
+    """The single-source fast path: update the padded first line, rename. False if it does not apply."""
+    try:
+        with open(source, "r+b") as handle:
+            first = handle.readline(1 << 20)
+            if not first.endswith(b" \n") or not first.startswith(b'{"type":"workflow"'):
+                return False
+            start = orjson.loads(first)
+            if start.get("workflow_id") != workflow_id:
+                return False
+            lines = 1
+            tail = b"\n"
+            while True:
+                block = handle.read(_BLOCK_BYTES)
+                if not block:
+                    break
+                if b'"type":"workflow"' in block or b'"workflow_id":' + orjson.dumps(workflow_id) not in block:
+                    return False
+                lines += block.count(b"\n")
+                tail = block[-1:]
+            if tail != b"\n":
+                return False  # torn last line: the careful path skips it
+            merged = orjson.dumps(merge_workflow_records([start] + ([update] if update else [])))
+            if len(merged) >= len(first):
+                return False
+            handle.seek(0)
+            handle.write(merged + b" " * (len(first) - 1 - len(merged)) + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(source, output)
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    report.records_in = report.records_out = lines
+    report.removed.append(source)
+    return True
+
+
 def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", cleanup_files: bool = True,
                 order_by_time: bool = False, progress: Optional[Callable[[int], None]] = None,
-                extra_sources: Optional[List[str]] = None) -> MergeReport:
+                extra_sources: Optional[List[str]] = None, workflow_update: Optional[dict] = None) -> MergeReport:
     """Merge every source of ``workflow_id`` into one file; idempotent; returns a report.
 
     ``progress`` is called with the number of input bytes consumed (a progress bar's update).
@@ -495,7 +557,14 @@ def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", 
             raise FileNotFoundError(
                 f"no Flowcept files of workflow '{workflow_id}' next to {os.path.abspath(base_path)}")
         report.sources = list(sources)
-        merger = _Merger(workflow_id, report, progress)
+        if (output_format == "jsonl" and cleanup_files and not order_by_time and len(sources) == 1
+                and sources[0] != output and _is_unlocked(sources[0])
+                and _merge_in_place(sources[0], output, workflow_id, workflow_update, report)):
+            report.elapsed_s = time.perf_counter() - began
+            return report
+        merger = _Merger(workflow_id, report, progress, dedup=len(sources) > 1)
+        if workflow_update:
+            merger.workflows.append(dict(workflow_update))
         if output_format == "hdf5":
             from flowcept.hdf5_store import write_hdf5
 

@@ -24,7 +24,7 @@ class Status(str, Enum):
     UNKNOWN = "UNKNOWN"
 
     @staticmethod
-    def get_finished_statuses() -> List["Status"]:
+    def get_finished_statuses() -> List[Status]:
         return [Status.FINISHED, Status.ERROR]
 
     def __str__(self) -> str:
@@ -146,7 +146,7 @@ class TaskObject(_RecordObject):
         return ["used", "generated", "custom_metadata", "telemetry_at_start", "telemetry_at_end"]
 
     @staticmethod
-    def from_dict(task_obj_dict: Dict[Any, Any]) -> "TaskObject":
+    def from_dict(task_obj_dict: Dict[Any, Any]) -> TaskObject:
         """Build a TaskObject from a record dict (unknown keys are kept as attributes)."""
         task = TaskObject()
         for name, value in task_obj_dict.items():
@@ -226,7 +226,7 @@ class WorkflowObject(_RecordObject):
         return "workflow_id"
 
     @staticmethod
-    def from_dict(dict_obj: Dict[Any, Any]) -> "WorkflowObject":
+    def from_dict(dict_obj: Dict[Any, Any]) -> WorkflowObject:
         """Build a WorkflowObject from a record dict (unknown keys are kept as attributes)."""
         workflow = WorkflowObject()
         for name, value in dict_obj.items():
@@ -238,7 +238,7 @@ class WorkflowObject(_RecordObject):
         return workflow
 
     @staticmethod
-    def deserialize(serialized_data: Any) -> "WorkflowObject":
+    def deserialize(serialized_data: Any) -> WorkflowObject:
         """Build a WorkflowObject from JSON bytes/str (or a dict)."""
         data = serialized_data if isinstance(serialized_data, dict) else orjson.loads(serialized_data)
         return WorkflowObject.from_dict(data)

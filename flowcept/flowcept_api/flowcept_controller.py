@@ -15,9 +15,18 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Union
 
+import orjson
+
 from flowcept import capture
 from flowcept.buffer import Pipeline, get_pipeline, set_pipeline_factory, shutdown_pipeline
-from flowcept.consolidation import consolidate, consolidated_path, find_sources, read_jsonl, read_records
+from flowcept.consolidation import (
+    consolidate,
+    consolidated_path,
+    find_sources,
+    read_jsonl,
+    read_records,
+    workflow_start_line,
+)
 from flowcept.coordination import Coordinator, get_coordinator
 from flowcept.placement import current_placement
 from flowcept.records import Status, WorkflowObject
@@ -105,7 +114,7 @@ class Flowcept:
     campaign_id: Optional[str] = None
     bundle_exec_id: Optional[str] = None
     is_started: bool = False
-    _active: List["Flowcept"] = []
+    _active: List[Flowcept] = []
     _lock = threading.RLock()
     _settings: Optional[Settings] = None
 
@@ -163,7 +172,7 @@ class Flowcept:
         self.output_path: Optional[str] = None
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> "Flowcept":
+    def start(self) -> Flowcept:
         """Start capturing into this workflow; returns self."""
         if self.is_started:
             logger.warning("this Flowcept is already started")
@@ -262,7 +271,10 @@ class Flowcept:
             except Exception as error:
                 logger.warning("machine info unavailable: %s", error)
         self._workflow = workflow
-        self._emit(workflow.to_dict())
+        pipeline = get_pipeline(create=False)
+        if pipeline is not None and self.enabled:
+            # Padded so that stop() can merge the end into this line in place (see consolidation).
+            pipeline.append_line(self.current_workflow_id, workflow_start_line(workflow.to_dict()))
 
     def _emit(self, record: dict) -> None:
         pipeline = get_pipeline(create=False)
@@ -276,9 +288,9 @@ class Flowcept:
             return
         settings = self.settings
         assert settings is not None
-        if self._workflow is not None:
-            self._emit({"type": "workflow", "workflow_id": self.current_workflow_id, "status": "FINISHED",
-                        "ended_at": time.time(), "utc_timestamp": time.time()})
+        ended_at = time.time()
+        workflow_end = ({"type": "workflow", "workflow_id": self.current_workflow_id, "status": "FINISHED",
+                         "ended_at": ended_at, "utc_timestamp": ended_at} if self._workflow is not None else None)
         with Flowcept._lock:
             if self in Flowcept._active:
                 Flowcept._active.remove(self)
@@ -299,7 +311,7 @@ class Flowcept:
         pipeline = get_pipeline(create=False)
         if pipeline is not None:
             pipeline.close_workflow(self.current_workflow_id)
-        self._finish_across_ranks(settings, pipeline)
+        self._finish_across_ranks(settings, pipeline, workflow_end)
 
     def _run_state(self) -> capture.RunState:
         pipeline = get_pipeline()
@@ -309,9 +321,24 @@ class Flowcept:
                                 append=pipeline.append, base=base, telemetry=self._telemetry,
                                 settings=self.settings)
 
-    def _finish_across_ranks(self, settings: Settings, pipeline: Optional[Pipeline]) -> None:
+    def _send_workflow_end(self, pipeline: Optional[Pipeline], workflow_end: Optional[dict]) -> None:
+        """Write the end record to this process's file (when no consolidation here merges it)."""
+        if workflow_end is None or pipeline is None or not self.enabled:
+            return
+        pipeline.append(workflow_end)
+        pipeline.close_workflow(self.current_workflow_id)
+
+    def _finish_across_ranks(self, settings: Settings, pipeline: Optional[Pipeline],
+                             workflow_end: Optional[dict] = None) -> None:
         coordinator = self._coordinator or Coordinator()
         through_daemon = pipeline is not None and type(pipeline.transport).__name__ == "DaemonLink"
+        will_merge = (settings["project.consolidate_on_stop"] and coordinator.is_root and not through_daemon
+                      and coordinator.can_synchronise and pipeline is not None
+                      and settings["project.dump_buffer.enabled"])
+        if not will_merge:
+            self._send_workflow_end(pipeline, workflow_end)
+        elif workflow_end is not None:
+            pipeline.view.add(self.current_workflow_id, [orjson.dumps(workflow_end)])
         if through_daemon:
             pipeline.flush(durable=True)
         timeout_s = settings["launch.finish_timeout_s"]
@@ -330,18 +357,20 @@ class Flowcept:
         try:
             report = consolidate(settings["project.dump_buffer.path"], self.current_workflow_id,
                                  output_format=settings["project.output_format"],
-                                 cleanup_files=settings["project.cleanup_files"])
+                                 cleanup_files=settings["project.cleanup_files"], workflow_update=workflow_end)
             self.last_consolidation = report
             self.output_path = report.output_path
         except FileNotFoundError:
             logger.debug("nothing to consolidate for workflow %s", self.current_workflow_id)
+            self._send_workflow_end(pipeline, workflow_end)
         except Exception:
             logger.exception("consolidation of workflow %s failed; its files are kept",
                              self.current_workflow_id)
+            self._send_workflow_end(pipeline, workflow_end)
         finally:
             coordinator.barrier(timeout_s)
 
-    def __enter__(self) -> "Flowcept":
+    def __enter__(self) -> Flowcept:
         return self.start()
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
@@ -349,7 +378,7 @@ class Flowcept:
 
     # -- the buffer ---------------------------------------------------------------------------
     def get_buffer(self, return_df: bool = False) -> Any:
-        """This run's records (also after stop()).
+        """The records of this run (also after stop()).
 
         Kept in memory up to ``project.buffer_view_max_records`` records; past that cap the
         records are read back from the workflow's files, so the answer stays complete.
@@ -509,7 +538,7 @@ class Flowcept:
                                workflow_id=workflow_id, campaign_id=campaign_id)
 
     @staticmethod
-    def get_current_instance() -> Optional["Flowcept"]:
+    def get_current_instance() -> Optional[Flowcept]:
         return Flowcept._active[-1] if Flowcept._active else None
 
 

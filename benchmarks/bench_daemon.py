@@ -185,19 +185,27 @@ def per_task_us(workdir: str, address: str, n: int) -> float:
     return float(out.stdout.decode().strip().splitlines()[-1])
 
 
-def idle_cpu(workdir: str, seconds: float) -> float:
-    import psutil
+def _cpu_seconds(pid: int) -> float:
+    """On-CPU time of a process in seconds (schedstat has ns resolution; psutil ticks are 10 ms)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as handle:
+            return int(handle.read().split()[0]) / 1e9
+    except OSError:
+        import psutil
 
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
+
+
+def idle_cpu(workdir: str, seconds: float) -> float:
     process, _ = start_daemon(workdir, "--telemetry-interval", "1")
     try:
-        proc = psutil.Process(process.pid)
         time.sleep(1.5)  # past start-up and the first samples
-        before = proc.cpu_times()
+        before = _cpu_seconds(process.pid)
         start = time.monotonic()
         time.sleep(seconds)
-        after = proc.cpu_times()
-        wall = time.monotonic() - start
-        return ((after.user + after.system) - (before.user + before.system)) / wall * 100
+        used = _cpu_seconds(process.pid) - before
+        return used / (time.monotonic() - start) * 100
     finally:
         stop(process)
 

@@ -1,13 +1,16 @@
 """The node daemon: receive batches from the ranks of this node, sample telemetry, write sinks.
 
-One thread owns every socket and every sink (the poll loop in :meth:`DaemonServer.serve`), so
-nothing here needs a lock; the Prometheus endpoint (another thread) only reads counters.
-
-Each loop turn drains up to ``_MAX_MESSAGES`` messages (or ``_MAX_TURN_BYTES``), validates them
-with :mod:`flowcept.protocol`, writes every accepted batch of a (base path, workflow) with one
-``os.write``, and only then acknowledges: an acknowledged record is in the kernel's hands, so a
-killed daemon loses nothing a client dropped. Bad frames are rejected, counted by reason, and
-(when they carry a sequence number) refused with a ``nack`` so the client keeps the batch.
+Thread contract: the poll loop (:meth:`DaemonServer.serve`, main thread) owns every socket; the
+writer thread owns every sink. Each loop turn drains up to ``_MAX_MESSAGES`` messages (or
+``_MAX_TURN_BYTES``), validates them with :mod:`flowcept.protocol` and hands the accepted batches
+of the turn to the writer, which writes each (base path, workflow) with one ``writev`` and hands
+the acknowledgements back through a deque and the wake pipe; the loop sends them. So receiving
+and validating overlap with disk writes, and an acknowledged record is in the kernel's hands: a
+killed daemon loses nothing a client dropped. The writer's backlog is bounded
+(``_MAX_WRITE_BACKLOG_BYTES``): past it the loop stops reading and ZeroMQ's high-water marks push
+back on the clients. The Prometheus endpoint (another thread) only reads counters. Bad frames are
+rejected, counted by reason, and (when they carry a sequence number) refused with a ``nack`` so
+the client keeps the batch.
 
 Outputs: ``<dir>/<stem>_<workflow_id>_node-<node>.jsonl`` beside the clients' base path (so
 ``flowcept consolidate`` finds them), plus ``.h5`` with the HDF5 sink. Telemetry (node, each
@@ -19,10 +22,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import signal
 import socket as socket_module
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -42,6 +47,7 @@ _HOUSEKEEPING_S = 1.0
 _RCVHWM = 10000
 _SNDHWM = 10000
 _LINGER_MS = 2000
+_MAX_WRITE_BACKLOG_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -160,6 +166,11 @@ class DaemonServer:
         self._wake_w: Optional[int] = None
         self._metrics_server: Any = None
         self._authenticator: Any = None
+        self._writes: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._written_acks: Any = deque()
+        self._backlog = 0
+        self._backlog_cond = threading.Condition()
+        self._writer: Optional[threading.Thread] = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -217,6 +228,8 @@ class DaemonServer:
         for sock in self._sockets:
             self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        self._writer = threading.Thread(target=self._writer_run, name="flowcept-daemon-writer", daemon=True)
+        self._writer.start()
 
     def _new_router(self) -> Any:
         router = self._context.socket(zmq.ROUTER)
@@ -304,8 +317,11 @@ class DaemonServer:
             events = dict(poller.poll(int(timeout * 1000) + 1))
             if self._wake_r in events:
                 self._drain_wake_pipe()
+            if self._written_acks:
+                self._send_acks()
             for sock in self._sockets:
                 if sock in events:
+                    self._wait_backlog()
                     self._receive(sock)
             now = time.monotonic()
             if now >= next_sample:
@@ -375,18 +391,62 @@ class DaemonServer:
                 self._reply(sock, identity, protocol.encode_status(self.status()))
             if turn_bytes >= _MAX_TURN_BYTES:
                 break
-        if not groups:
-            return
-        failed = set()
-        for key, (payloads, count) in groups.items():
-            if not self._write(key, payloads, count):
-                failed.add(key)
-        for identity, entries in acks.items():
-            for seq, key, count, _client in entries:
-                if key in failed:
-                    counters.spilled += count
-                    self._reply(sock, identity, protocol.encode_nack(seq, "write_failed"))
-            self._reply(sock, identity, protocol.encode_ack(entries[-1][0]))
+        if groups:
+            self._submit(("write", groups, acks, sock, False))
+
+    # -- the writer thread --------------------------------------------------------------------------
+    def _submit(self, item: Tuple[Any, ...]) -> None:
+        if item[0] == "write":
+            size = sum(len(p) for payloads, _ in item[1].values() for p in payloads)
+            with self._backlog_cond:
+                self._backlog += size
+            item = (*item, size)
+        self._writes.put(item)
+
+    def _wait_backlog(self) -> None:
+        """Stop reading while the writer is far behind (bounded memory; ZeroMQ pushes back)."""
+        with self._backlog_cond:
+            while self._backlog > _MAX_WRITE_BACKLOG_BYTES and self._writer is not None and self._writer.is_alive():
+                self._backlog_cond.wait(0.5)
+
+    def _writer_run(self) -> None:
+        """Writer thread: owns the sinks; writes, flushes, and reports what to acknowledge."""
+        while True:
+            item = self._writes.get()
+            kind = item[0]
+            if kind == "stop":
+                return
+            if kind == "flush":
+                self._flush_sinks()
+                continue
+            _, groups, acks, sock, telemetry, size = item
+            failed = set()
+            for key, (payloads, count) in groups.items():
+                if not self._write(key, payloads, count, telemetry=telemetry):
+                    failed.add(key)
+                    if telemetry:
+                        self.counters.dropped += count
+            with self._backlog_cond:
+                self._backlog -= size
+                self._backlog_cond.notify_all()
+            if acks:
+                self._written_acks.append((sock, acks, failed))
+                try:
+                    os.write(self._wake_w, b"a")
+                except OSError:  # pipe full: the loop is awake anyway
+                    pass
+
+    def _send_acks(self) -> None:
+        """Loop thread: acknowledge what the writer wrote (nack what it could not)."""
+        counters = self.counters
+        while self._written_acks:
+            sock, acks, failed = self._written_acks.popleft()
+            for identity, entries in acks.items():
+                for seq, key, count, _client in entries:
+                    if key in failed:
+                        counters.spilled += count
+                        self._reply(sock, identity, protocol.encode_nack(seq, "write_failed"))
+                self._reply(sock, identity, protocol.encode_ack(entries[-1][0]))
 
     def _write(self, key: Tuple[str, Optional[str]], payloads: List[bytes], count: int,
                telemetry: bool = False) -> bool:
@@ -513,8 +573,8 @@ class DaemonServer:
                                               default=str))
                 except TypeError:
                     self.counters.dropped += 1
-            if lines and not self._write(key, [b"".join(lines)], len(lines), telemetry=True):
-                self.counters.dropped += len(lines)
+            if lines:
+                self._submit(("write", {key: ([b"".join(lines)], len(lines))}, {}, None, True))
 
     def _housekeeping(self, now: float) -> None:
         for client in list(self.clients.values()):
@@ -523,7 +583,8 @@ class DaemonServer:
                 logger.warning("client pid %s (rank %s) exited without goodbye", client.pid, client.rank)
         if self._dirty_since is not None and (
                 now - self._dirty_since >= self.config.fsync_interval_s or self._clients_done()):
-            self._flush_sinks()
+            self._dirty_since = None
+            self._submit(("flush",))
         if self.config.exit_when_idle and self.clients and self._clients_done():
             if self._idle_since is None:
                 self._idle_since = now
@@ -582,7 +643,12 @@ class DaemonServer:
             for _ in range(1000):
                 if not sock.poll(0):
                     break
+                self._wait_backlog()
                 self._receive(sock)
+        if self._writer is not None:
+            self._writes.put(("stop",))
+            self._writer.join()
+        self._send_acks()
         for sinks in self.sinks.values():
             for sink in sinks:
                 try:

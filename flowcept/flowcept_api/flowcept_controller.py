@@ -369,6 +369,14 @@ class Flowcept:
             self._send_workflow_end(pipeline, workflow_end)
         finally:
             coordinator.barrier(timeout_s)
+        if settings["databases.mongodb.enabled"]:
+            try:  # no daemon wrote MongoDB live: the root loads the workflow's files
+                from flowcept.sinks.mongodb import load_workflow
+
+                load_workflow(settings["project.dump_buffer.path"], self.current_workflow_id, settings)
+            except Exception as error:
+                logger.error("loading workflow %s into MongoDB failed: %s", self.current_workflow_id,
+                             type(error).__name__)
 
     def __enter__(self) -> Flowcept:
         return self.start()

@@ -496,3 +496,16 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
     gone = subprocess.run([sys.executable, "-m", "flowcept.cli", "daemon", "status", "--runtime-dir", directory],
                           capture_output=True, env=env, timeout=60)
     assert gone.returncode == 1
+
+
+def test_hdf5_sink_beside_jsonl(start_daemon, buffer_base: str) -> None:
+    pytest.importorskip("h5py")
+    from flowcept.hdf5_store import read_hdf5
+
+    daemon = start_daemon("--sinks", "jsonl,hdf5")
+    run_client(daemon, "wf-h5", 30)
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=20) == 0
+    [h5] = glob.glob(os.path.join(os.path.dirname(buffer_base), "*_wf-h5_node-*.h5"))
+    tasks = [r for r in read_hdf5(h5) if r.get("type") == "task"]
+    assert sorted(t["used"]["i"] for t in tasks) == list(range(30))

@@ -509,3 +509,25 @@ def test_hdf5_sink_beside_jsonl(start_daemon, buffer_base: str) -> None:
     [h5] = glob.glob(os.path.join(os.path.dirname(buffer_base), "*_wf-h5_node-*.h5"))
     tasks = [r for r in read_hdf5(h5) if r.get("type") == "task"]
     assert sorted(t["used"]["i"] for t in tasks) == list(range(30))
+
+
+def test_tcp_needs_curve_keys(start_daemon, buffer_base: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = _free_port()
+    daemon = start_daemon("--tcp-port", str(port), "--tcp-host", "127.0.0.1")
+    tcp = daemon.ready["tcp_address"]
+    assert tcp == f"tcp://127.0.0.1:{port}"
+    curve_dir = os.path.join(daemon.directory, "curve")
+    # Without keys: the link refuses tcp://, and a plain socket gets no answer.
+    context = zmq.Context()
+    plain = context.socket(zmq.DEALER)
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.connect(tcp)
+    plain.send_multipart(protocol.encode_ping())
+    assert not plain.poll(500)
+    plain.close()
+    context.term()
+    daemon.ready = {**daemon.ready, "address": tcp}
+    run_client(daemon, "wf-tcp", 20, env={"FLOWCEPT_DAEMON_CURVE_DIR": curve_dir})
+    monkeypatch.setenv("FLOWCEPT_DAEMON_CURVE_DIR", curve_dir)  # status over tcp:// needs the keys too
+    assert daemon.counters()["written"] == 22
+    assert process_files(buffer_base, "wf-tcp") == []

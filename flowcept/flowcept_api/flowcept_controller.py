@@ -360,6 +360,11 @@ class Flowcept:
                                  cleanup_files=settings["project.cleanup_files"], workflow_update=workflow_end)
             self.last_consolidation = report
             self.output_path = report.output_path
+            path_for = getattr(pipeline.transport, "path_for", None)
+            if path_for is not None and os.path.exists(path_for(self.current_workflow_id)):
+                # Our file outlives the merge (cleanup off, or kept): it must hold the end too,
+                # so a later consolidation from the files gives the same workflow record.
+                self._send_workflow_end(pipeline, workflow_end)
         except FileNotFoundError:
             logger.debug("nothing to consolidate for workflow %s", self.current_workflow_id)
             self._send_workflow_end(pipeline, workflow_end)

@@ -198,7 +198,8 @@ class DBAPI:
             query = {"$and": [query, {time_field: bounds}]} if query else {time_field: bounds}
         projection = None
         if fields:
-            projection = {f: 1 for f in [time_field, "hostname", *fields]}
+            # Top-level fields only: MongoDB projections do not index arrays (gpu.0.power).
+            projection = {f.split(".")[0]: 1 for f in [time_field, "hostname", *fields]}
         docs = self.query(query, projection, limit, [(time_field, 1)], collection="telemetry")
         columns = [time_field, "hostname", *(fields or [])]
         if not fields:

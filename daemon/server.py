@@ -383,6 +383,9 @@ class DaemonServer:
                 self._register(index, identity, message.header)
             elif kind == "bye":
                 if client is not None:
+                    if self.config.telemetry and time.monotonic() - self._last_sample_at > 0.01:
+                        # A run shorter than the interval still gets a node sample at its end.
+                        self._sample()
                     client.state = "finished"
                     self._dirty_since = self._dirty_since or time.monotonic()
             elif kind == "ping":
@@ -536,7 +539,10 @@ class DaemonServer:
         return {c.pid: c.rank for c in list(self.clients.values())
                 if c.state == "connected" and c.host == self.hostname and c.pid}
 
+    _last_sample_at = 0.0
+
     def _sample(self) -> None:
+        self._last_sample_at = time.monotonic()
         if self._sampler is None:
             try:
                 from flowcept.telemetry.node import NodeSampler

@@ -212,3 +212,37 @@ def test_redact_uri():
     assert redact_uri("mongodb://u:p%40ss@h1,h2/db?authSource=admin") == "mongodb://***@h1,h2/db?authSource=admin"
     assert redact_uri("mongodb+srv://u:p@cluster.example/x") == "mongodb+srv://***@cluster.example/x"
     assert redact_uri("mongodb://h:27017") == "mongodb://h:27017"
+
+
+def test_plain_script_with_the_database_down_spools_then_delivers(mongo_env, tmp_path):
+    from mongo_server import free_port
+
+    from flowcept.settings import load_settings
+
+    dead = dict(mongo_env, FLOWCEPT_DATABASES_MONGODB_URI=f"mongodb://127.0.0.1:{free_port()}",
+                FLOWCEPT_DATABASES_MONGODB_TIMEOUT_S="0.3")
+    started = time.monotonic()
+    proc = _run_flowcept_app(tmp_path, """
+        from flowcept import Flowcept, flowcept_task
+
+        @flowcept_task
+        def f(x):
+            return x
+
+        with Flowcept(workflow_name="down") as run:
+            for i in range(30):
+                f(i)
+        print(run.current_workflow_id)
+        """, dead)
+    assert time.monotonic() - started < 30
+    wf = proc.stdout.decode().strip().splitlines()[-1]
+    spool = Path(mongo_env["FLOWCEPT_DATABASES_MONGODB_SPOOL_DIR"])
+    assert list(spool.glob("*.jsonl"))
+    sink = _sink(spool_dir=str(spool))  # the next sink that reaches the database drains the spool
+    try:
+        assert sink.flush(timeout_s=30)
+    finally:
+        sink.close()
+    assert load_settings()["databases.mongodb.uri"] == mongo_env["FLOWCEPT_DATABASES_MONGODB_URI"]
+    assert _db(mongo_env).tasks.count_documents({"workflow_id": wf}) == 30
+    assert _db(mongo_env).workflows.count_documents({"workflow_id": wf, "status": "FINISHED"}) == 1

@@ -242,9 +242,9 @@ class DBAPI:
             from flowcept.sinks.mongodb import write_records
 
             if record["type"] == "workflow":  # an explicit update: its status applies as given
-                from flowcept.sinks.mongodb import _non_null
+                from flowcept.sinks.mongodb import _non_null, _redact_record
 
-                fields = _non_null(orjson.loads(dumps_line(record)))
+                fields = _non_null(_redact_record(orjson.loads(dumps_line(record))))
                 db["workflows"].update_one({"workflow_id": fields["workflow_id"]}, {"$set": fields}, upsert=True)
             else:
                 write_records(db, [orjson.loads(dumps_line(record))])

@@ -297,8 +297,10 @@ class MongoSink:
                  batch_size: int = 5000, flush_interval_s: float = 0.5, max_pending: int = 200000,
                  spool_dir: Optional[str] = None, spool_max_bytes: Optional[int] = None,
                  timeout_s: Optional[float] = None, flush_timeout_s: Optional[float] = None,
-                 retry_max_s: float = 5.0, **_ignored_options: Any):
-        if settings is None:
+                 retry_max_s: float = 5.0, **_file_sink_options: Any):
+        # The daemon builds every sink as sink_class(name)(path, fsync=...): a path (and file-sink
+        # options such as fsync) means "the settings of this process".
+        if settings is None or isinstance(settings, (str, os.PathLike)):
             from flowcept.settings import load_settings
 
             settings = load_settings()

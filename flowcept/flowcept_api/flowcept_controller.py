@@ -255,7 +255,7 @@ class Flowcept:
         workflow.started_at = time.time()
         workflow.interceptor_ids = [i if isinstance(i, str) else type(i).__name__ for i in self.interceptors]
         workflow.flowcept_version = __version__
-        workflow.flowcept_settings = settings.as_dict()
+        workflow.flowcept_settings = _redacted(settings.as_dict())
         workflow.user = settings["experiment.user"] or placement.user
         workflow.hostname = placement.hostname
         workflow.job_id = placement.job_id
@@ -561,6 +561,16 @@ def _current_settings() -> Settings:
     if active and active[-1].settings is not None:
         return active[-1].settings
     return load_settings()
+
+
+def _redacted(tree: Dict[str, Any]) -> Dict[str, Any]:
+    """Settings as stored on the workflow record: credentials in URIs never leave the process."""
+    import re
+
+    mongo = tree.get("databases", {}).get("mongodb", {})
+    if isinstance(mongo.get("uri"), str):
+        mongo["uri"] = re.sub(r"//[^@/]*@", "//***@", mongo["uri"])
+    return tree
 
 
 def _consolidate_into(base: str, workflow_id: str, cleanup_files: bool) -> Any:

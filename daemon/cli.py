@@ -153,7 +153,7 @@ def start_command(runtime_dir: Optional[str], runtime_base: Optional[str], node:
     """Start the daemon in the background; prints its address once it is ready."""
     directory = _runtime_dir(runtime_dir, runtime_base, node)
     ready = protocol.read_ready(directory)
-    if ready and _alive(ready.get("pid")):
+    if ready and protocol.pid_alive(ready.get("pid")):
         click.echo(ready["address"])
         return
     args = [sys.executable, "-m", "flowcept.daemon", "--runtime-dir", directory]
@@ -192,12 +192,12 @@ def stop_command(runtime_dir: Optional[str], runtime_base: Optional[str], node: 
     directory = _runtime_dir(runtime_dir, runtime_base, node)
     ready = protocol.read_ready(directory)
     pid = ready.get("pid") if ready else None
-    if not _alive(pid):
+    if not protocol.pid_alive(pid):
         click.echo("no daemon running")
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while protocol.pid_alive(pid):
         if time.monotonic() > deadline:
             raise click.ClickException(f"daemon {pid} did not exit within {timeout}s")
         time.sleep(0.02)  # polling the process with a deadline
@@ -241,13 +241,4 @@ def _print_status(status: Dict[str, Any]) -> None:
         click.echo(f"  {path}")
 
 
-def _alive(pid: Any) -> bool:
-    if type(pid) is not int or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

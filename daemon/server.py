@@ -200,7 +200,7 @@ class DaemonServer:
         protocol.make_private_dir(config.runtime_dir)
         path = protocol.socket_path(config.runtime_dir)
         previous = protocol.read_ready(config.runtime_dir)
-        if previous and _pid_alive(previous.get("pid")) and previous.get("pid") != os.getpid():
+        if previous and protocol.pid_alive(previous.get("pid")) and previous.get("pid") != os.getpid():
             from flowcept.daemon_link import ping
 
             if ping(self.address, 1.0):
@@ -584,7 +584,7 @@ class DaemonServer:
 
     def _housekeeping(self, now: float) -> None:
         for client in list(self.clients.values()):
-            if client.state == "connected" and client.host == self.hostname and not _pid_alive(client.pid):
+            if client.state == "connected" and client.host == self.hostname and not protocol.pid_alive(client.pid):
                 client.state = "lost"
                 logger.warning("client pid %s (rank %s) exited without goodbye", client.pid, client.rank)
         if self._dirty_since is not None and (
@@ -689,17 +689,3 @@ class DaemonServer:
         logger.info("flowcept daemon stopped: %s", self.counters.as_dict())
 
 
-def _pid_alive(pid: Any) -> bool:
-    if type(pid) is not int or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().split(b") ", 1)[-1][:1] != b"Z"
-    except OSError:
-        return True

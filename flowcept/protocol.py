@@ -277,3 +277,20 @@ def read_ready(directory: str) -> Optional[Dict[str, Any]]:
     except (OSError, orjson.JSONDecodeError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def pid_alive(pid: Any) -> bool:
+    """True when a local process of that pid runs (a zombie counts as gone)."""
+    if type(pid) is not int or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().split(b") ", 1)[-1][:1] != b"Z"
+    except OSError:
+        return True

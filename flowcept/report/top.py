@@ -56,14 +56,10 @@ def discover_addresses(addresses: Sequence[str] = (), runtime_dirs: Sequence[str
 
 
 def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return True  # a remote daemon: let the status request decide
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    """A remote daemon (no local pid) is left to the status request to judge."""
+    from flowcept.protocol import pid_alive
+
+    return not isinstance(pid, int) or pid_alive(pid)
     return True
 
 

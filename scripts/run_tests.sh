@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian/Ubuntu machine, then run it.
 # Installs: Open MPI (mpirun + mpi4py), Slurm + munge (a one-node cluster started by
-# scripts/slurm-up.sh), poppler-utils (PDF checks), a MongoDB-wire-compatible server from PyPI,
+# scripts/slurm-up.sh; tests/cluster/rig.py builds a 4-node one in network namespaces), poppler-utils (PDF checks), a MongoDB-wire-compatible server from PyPI,
 # and this package with its test extras. Safe to run twice. Usage: bash scripts/run_tests.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,8 @@ need_apt=""
 command -v mpirun >/dev/null || need_apt="$need_apt openmpi-bin libopenmpi-dev"
 command -v srun >/dev/null || need_apt="$need_apt slurm-wlm munge"
 command -v pdftoppm >/dev/null || need_apt="$need_apt poppler-utils"
+command -v ip >/dev/null || need_apt="$need_apt iproute2"          # the namespace cluster rig
+command -v nsenter >/dev/null || need_apt="$need_apt util-linux"
 if [ -n "$need_apt" ] && command -v apt-get >/dev/null; then
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq $need_apt >/dev/null

@@ -86,3 +86,23 @@ def read_lines(path: str) -> List[dict]:
 def tasks_of(records: List[dict], workflow_id: Optional[str] = None) -> List[dict]:
     return [r for r in records if r.get("type") == "task"
             and (workflow_id is None or r.get("workflow_id") == workflow_id)]
+
+
+@pytest.fixture(scope="session")
+def ns_cluster():
+    """A 4-node Slurm cluster in network namespaces (tests/cluster/rig.py), up for the whole session.
+
+    Skipped where the machine cannot build one (not root, no Slurm or iproute2); torn down at the
+    end of the session, also when a test failed.
+    """
+    from cluster.rig import NamespaceCluster, missing_requirements
+
+    missing = missing_requirements()
+    if missing:
+        pytest.skip(f"the namespace cluster needs: {', '.join(missing)}")
+    cluster = NamespaceCluster(nodes=int(os.environ.get("FLOWCEPT_RIG_NODES", "4")))
+    cluster.up()
+    try:
+        yield cluster
+    finally:
+        cluster.down()

@@ -1,0 +1,416 @@
+"""A real N-node Slurm cluster on one machine, for Flowcept's multi-node tests.
+
+Each node is a network namespace (own address on a private bridge) with its own UTS namespace
+(own hostname) and a private mount namespace in which ``/etc/hosts`` lists the cluster. One
+``slurmd`` runs per node, ``slurmctld`` runs in a head namespace, and a login namespace serves as
+the submit host. Slurm and MPI traffic between nodes is real TCP over veth pairs and the bridge.
+
+Like a cluster's shared filesystem, the filesystem, ``/tmp`` and the pid space are shared by all
+nodes; only the network and the hostname differ. That is the point: anything node-local in
+Flowcept (daemon runtime directory, ipc socket, ready and pid files) must be keyed by node.
+
+Nothing under ``/etc`` is written: the rig runs its own ``munged`` (own key and socket) and its own
+``slurm.conf`` selected through ``SLURM_CONF`` in the environment the rig hands to its callers.
+Tear-down stops only the processes the rig started (pid files whose command name is checked, and
+whatever runs inside the rig's own namespaces), then deletes every namespace and link it made.
+
+Usage::
+
+    python tests/cluster/rig.py up --nodes 4      # prints the env file to source
+    python tests/cluster/rig.py down
+    # from Python (tests): with NamespaceCluster(nodes=4) as cluster: cluster.run(["srun", ...])
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BRIDGE = "fcpbr0"
+SUBNET = "10.79.0"
+ROOT_IP = f"{SUBNET}.254"
+HEAD_IP = f"{SUBNET}.1"
+LOGIN_IP = f"{SUBNET}.2"
+NS_PREFIX = "fcp-"
+DEFAULT_BASE = Path("/tmp/flowcept-nscluster")
+REQUIRED_COMMANDS = ("ip", "nsenter", "unshare", "runuser", "munged", "slurmctld", "slurmd", "sinfo", "srun")
+STUB_CONF = "# flowcept namespace cluster is down\nFLOWCEPT_NSCLUSTER_IS_DOWN=1\n"
+
+
+class RigError(RuntimeError):
+    """The cluster could not be brought up; the message says which step and shows its log."""
+
+
+def node_ip(index: int) -> str:
+    return f"{SUBNET}.{10 + index}"
+
+
+def missing_requirements() -> list[str]:
+    """What this machine lacks to run the rig (empty when it can)."""
+    missing = [c for c in REQUIRED_COMMANDS if shutil.which(c) is None]
+    if os.geteuid() != 0:
+        missing.append("root")
+    return missing
+
+
+def _sh(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), check=check, capture_output=True, text=True, **kwargs)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RigError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+@dataclass
+class NamespaceCluster:
+    """One rig: ``up()`` builds it, ``down()`` removes everything it made (also after a failed up)."""
+
+    nodes: int = 4
+    base: Path = DEFAULT_BASE
+    cpus_per_node: int = 4
+    mem_mb: int = 2000
+    warm_up: bool = True
+    node_names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes <= 200:
+            raise ValueError(f"nodes must be 1..200, got {self.nodes}")
+        self.base = Path(self.base)
+        self.node_names = [f"node{i}" for i in range(1, self.nodes + 1)]
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def conf(self) -> Path:
+        return self.base / "etc" / "slurm.conf"
+
+    @property
+    def in_node(self) -> Path:
+        return self.base / "bin" / "in_node"
+
+    @property
+    def munge_dir(self) -> Path:
+        return self.base / "munge"
+
+    def namespaces(self) -> list[str]:
+        return [f"{NS_PREFIX}head", f"{NS_PREFIX}login"] + [f"{NS_PREFIX}n{i}" for i in range(1, self.nodes + 1)]
+
+    def env(self, base_env: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for a Slurm client of this cluster (and for MPI across its nodes).
+
+        Open MPI is pointed at the rig's subnet: the loopback-only settings the rest of the test
+        suite uses would stop ranks on different nodes from reaching each other.
+        """
+        env = dict(os.environ if base_env is None else base_env)
+        env.update(
+            SLURM_CONF=str(self.conf),
+            OMPI_ALLOW_RUN_AS_ROOT="1",
+            OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+            OMPI_MCA_pml="ob1",
+            OMPI_MCA_btl="self,vader,tcp",
+            OMPI_MCA_btl_tcp_if_include=f"{SUBNET}.0/24",
+            OMPI_MCA_oob_tcp_if_include=f"{SUBNET}.0/24",
+            PMIX_MCA_gds="hash",
+        )
+        for key in list(env):
+            if key.startswith("SLURM_") and key != "SLURM_CONF":
+                del env[key]  # a test run inside an allocation must not leak its job into ours
+        return env
+
+    # ------------------------------------------------------------------ running things
+    def run(self, args: list[str], *, where: str = "login", timeout: float = 120, env: dict | None = None,
+            check: bool = True, cwd: str | None = None) -> subprocess.CompletedProcess:
+        """Run ``args`` on a host of the cluster: ``login`` (default, the submit host) or a node name."""
+        ns, host = (f"{NS_PREFIX}login", "login") if where == "login" else (self._ns_of(where), where)
+        proc = subprocess.run([str(self.in_node), ns, host, *args], capture_output=True, text=True,
+                              timeout=timeout, env=self.env(env), cwd=cwd)
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, args, proc.stdout, proc.stderr)
+        return proc
+
+    def popen(self, args: list[str], *, where: str = "login", env: dict | None = None, **kwargs) -> subprocess.Popen:
+        ns, host = (f"{NS_PREFIX}login", "login") if where == "login" else (self._ns_of(where), where)
+        return subprocess.Popen([str(self.in_node), ns, host, *args], env=self.env(env), **kwargs)
+
+    def _ns_of(self, node: str) -> str:
+        if node not in self.node_names:
+            raise ValueError(f"unknown node {node!r}; this cluster has {', '.join(self.node_names)}")
+        return f"{NS_PREFIX}n{node.removeprefix('node')}"
+
+    def wait_job_done(self, job_id: str, timeout: float = 120) -> None:
+        def gone() -> bool:
+            return not self.run(["squeue", "-h", "-j", job_id], check=False).stdout.strip()
+        _wait(gone, timeout, f"job {job_id} to leave the queue", poll_s=0.1)
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> NamespaceCluster:
+        self.up()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def up(self) -> float:
+        """Build the cluster; returns the seconds it took. On failure everything made is removed."""
+        missing = missing_requirements()
+        if missing:
+            raise RigError(f"cannot build the cluster here, missing: {', '.join(missing)}")
+        started = time.monotonic()
+        self.down()
+        try:
+            self._make_dirs()
+            self._start_munge()
+            self._make_network()
+            self._write_config()
+            self._start_slurm()
+            self._wait_idle()
+            if self.warm_up:
+                self._warm_up()
+        except BaseException:
+            if os.environ.get("FLOWCEPT_RIG_KEEP_ON_FAIL") != "1":
+                self.down()
+            raise
+        return time.monotonic() - started
+
+    def _make_dirs(self) -> None:
+        for sub in ("etc", "run", "log", "spool", "tmp", "bin"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        for name in self.node_names:
+            (self.base / "tmp" / name).mkdir(exist_ok=True)
+            (self.base / "spool" / f"slurmd-{name}").mkdir(exist_ok=True)
+        (self.base / "spool" / "ctld").mkdir(exist_ok=True)
+        # remembered so down() from another process removes exactly what this one made
+        (self.base / "run" / "namespaces").write_text(" ".join(self.namespaces()) + "\n")
+        self.in_node.write_text(_IN_NODE_SCRIPT.replace("@BASE@", str(self.base)))
+        self.in_node.chmod(0o755)
+
+    def _start_munge(self) -> None:
+        d = self.munge_dir
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, "munge", "munge")
+        d.chmod(0o755)  # munged refuses a socket directory others cannot traverse
+        key = d / "munge.key"
+        if not key.exists() or key.stat().st_size < 32:
+            key.write_bytes(os.urandom(1024))
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o400)
+        _sh("runuser", "-u", "munge", "--", "munged", f"--socket={d / 'munge.socket'}", f"--key-file={key}",
+            f"--pid-file={d / 'munged.pid'}", f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}")
+        _wait(lambda: (d / "munge.socket").is_socket(), 5, "munged's socket")
+
+    def _make_network(self) -> None:
+        _sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        _sysctl(f"/proc/sys/net/ipv6/conf/{BRIDGE}/disable_ipv6")
+        # The bridge address gives the root namespace a connected route to the subnet, so nothing
+        # for the rig's addresses can follow the default route off the machine.
+        _sh("ip", "addr", "add", f"{ROOT_IP}/24", "dev", BRIDGE)
+        _sh("ip", "link", "set", BRIDGE, "up")
+        hosts = ["127.0.0.1 localhost", f"{HEAD_IP} head", f"{LOGIN_IP} login", f"{ROOT_IP} rigroot"]
+        hosts += [f"{node_ip(i)} {name}" for i, name in enumerate(self.node_names, 1)]
+        (self.base / "etc" / "hosts").write_text("\n".join(hosts) + "\n")
+        addresses = {f"{NS_PREFIX}head": HEAD_IP, f"{NS_PREFIX}login": LOGIN_IP}
+        addresses.update({f"{NS_PREFIX}n{i}": node_ip(i) for i in range(1, self.nodes + 1)})
+        for ns, addr in addresses.items():
+            tag = ns.removeprefix(NS_PREFIX)
+            host_end, node_end = f"fcpv-{tag}", f"fcpp-{tag}"
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            _sh("ip", "link", "set", node_end, "netns", ns)
+            _sh("ip", "-n", ns, "link", "set", node_end, "name", "eth0")
+            _sysctl(f"/proc/sys/net/ipv6/conf/{host_end}/disable_ipv6")
+            _sh("ip", "link", "set", host_end, "master", BRIDGE, "up")
+            _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+
+    def _write_config(self) -> None:
+        b = self.base
+        (b / "etc" / "plugstack.conf").write_text("")  # keep the system's SPANK plugins out
+        lines = [
+            f"# written by tests/cluster/rig.py: {self.nodes} nodes, one network+UTS namespace each",
+            "ClusterName=flowcept-ns",
+            f"SlurmctldHost=head({HEAD_IP})",
+            "SlurmUser=root", "SlurmdUser=root",
+            "AuthType=auth/munge", "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_dir / 'munge.socket'}",
+            "MpiDefault=pmix",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+            "SchedulerType=sched/backfill", "SchedulerParameters=batch_sched_delay=0",
+            "SlurmdParameters=config_overrides", "ReturnToService=2",
+            "SlurmctldPort=6817", "SlurmdPort=6818",
+            f"PlugStackConfig={b / 'etc' / 'plugstack.conf'}",
+            f"SlurmctldPidFile={b / 'run' / 'slurmctld.pid'}",
+            f"SlurmctldLogFile={b / 'log' / 'slurmctld.log'}",
+            f"StateSaveLocation={b / 'spool' / 'ctld'}",
+            # %n: the node's name. The filesystem is shared, so every node-local path must carry it;
+            # TmpFS is also where the PMIx plugin puts its per-step directories.
+            f"SlurmdPidFile={b / 'run' / 'slurmd-%n.pid'}",
+            f"SlurmdSpoolDir={b / 'spool' / 'slurmd-%n'}",
+            f"SlurmdLogFile={b / 'log' / 'slurmd-%n.log'}",
+            f"TmpFS={b / 'tmp' / '%n'}",
+            "SlurmctldDebug=info", "SlurmdDebug=info",
+            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none", "InactiveLimit=0", "KillWait=5", "MinJobAge=60",
+            "SlurmctldTimeout=30", "SlurmdTimeout=30", "Waittime=0",
+        ]
+        for i, name in enumerate(self.node_names, 1):
+            lines.append(f"NodeName={name} NodeAddr={node_ip(i)} NodeHostname={name} CPUs={self.cpus_per_node} "
+                         f"Boards=1 SocketsPerBoard=1 CoresPerSocket={self.cpus_per_node} ThreadsPerCore=1 "
+                         f"RealMemory={self.mem_mb} State=UNKNOWN")
+        lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
+        self.conf.write_text("\n".join(lines) + "\n")
+        (b / "env.sh").write_text(
+            "# source me to use the namespace cluster from a shell\n"
+            + "".join(f"export {k}={v}\n" for k, v in self.env({}).items())
+        )
+
+    def _start_slurm(self) -> None:
+        clean = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8"]
+        _sh(str(self.in_node), f"{NS_PREFIX}head", "head", *clean, "slurmctld", "-f", str(self.conf), "-c", "-i")
+        for i, name in enumerate(self.node_names, 1):
+            _sh(str(self.in_node), f"{NS_PREFIX}n{i}", name, *clean, "slurmd", "-f", str(self.conf), "-N", name)
+
+    def _wait_idle(self) -> None:
+        def idle() -> bool:
+            out = self.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"], check=False, timeout=10).stdout
+            return len(set(out.split())) == self.nodes
+        try:
+            _wait(idle, 30, "every node to be idle", poll_s=0.1)
+        except RigError as exc:
+            raise RigError(f"{exc}\n{self.log_tail()}") from None
+
+    def _warm_up(self) -> None:
+        """One srun over all nodes and one batch job, so the first test does not pay scheduling start-up."""
+        self.run(["srun", "-N", str(self.nodes), "-n", str(self.nodes), "true"], timeout=60)
+        job = self.run(["sbatch", "--parsable", "-N1", "-o", "/dev/null", "-J", "rig-warmup", "--wrap", "true"]).stdout
+        self.wait_job_done(job.strip().split(";")[0], timeout=60)
+
+    def log_tail(self, lines: int = 20) -> str:
+        out = []
+        for log in [self.base / "log" / "slurmctld.log", *sorted((self.base / "log").glob("slurmd-*.log"))[:2]]:
+            if log.exists():
+                out.append(f"--- {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+    def down(self) -> None:
+        """Remove everything this rig made; safe to call when nothing or only part of it is up."""
+        ours = set(self.namespaces())
+        recorded = self.base / "run" / "namespaces"
+        if recorded.exists():
+            ours |= set(recorded.read_text().split())
+        listed = _sh("ip", "netns", "list", check=False).stdout.split("\n")
+        ours |= {line.split()[0] for line in listed if line.startswith(NS_PREFIX)}
+        present = [ns for ns in ours if Path(f"/run/netns/{ns}").exists()]
+
+        if self.conf.exists() and "IS_DOWN" not in self.conf.read_text() and f"{NS_PREFIX}login" in present:
+            # cancel jobs while the controller is up, so slurmstepd cleans up after itself
+            jobs = self.run(["squeue", "-h", "-o", "%i"], check=False, timeout=10).stdout.split()
+            if jobs:
+                self.run(["scancel", *jobs], check=False, timeout=10)
+        victims = []
+        for pidfile, comm in [*[(p, "slurmd") for p in (self.base / "run").glob("slurmd-*.pid")],
+                              (self.base / "run" / "slurmctld.pid", "slurmctld"),
+                              (self.munge_dir / "munged.pid", "munged")]:
+            pid = _read_pid(pidfile)
+            if pid and _comm(pid) == comm:
+                victims.append(pid)
+        for ns in present:  # job steps and anything else still running on our nodes
+            victims += [int(p) for p in _sh("ip", "netns", "pids", ns, check=False).stdout.split() if p.isdigit()]
+        victims = [p for p in dict.fromkeys(victims) if p != os.getpid()]
+        for pid in victims:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in victims):
+            time.sleep(0.05)
+        for pid in victims:
+            _signal(pid, signal.SIGKILL)
+        for ns in present:
+            _sh("ip", "netns", "del", ns, check=False)
+        links = _sh("ip", "-o", "link", "show", check=False).stdout
+        for line in links.splitlines():
+            name = line.split(": ")[1].split("@")[0] if ": " in line else ""
+            if name.startswith("fcpv-") or name == BRIDGE:
+                _sh("ip", "link", "del", name, check=False)
+        for sub in ("run", "spool", "tmp"):
+            shutil.rmtree(self.base / sub, ignore_errors=True)
+        for f in ("munge.socket", "munge.socket.lock", "munged.pid"):
+            (self.munge_dir / f).unlink(missing_ok=True)
+        if self.conf.exists():
+            # a client still pointed at this file fails at once rather than sending to a dead subnet
+            self.conf.write_text(STUB_CONF)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _sysctl(path: str) -> None:
+    try:
+        Path(path).write_text("1")
+    except OSError:
+        pass
+
+
+# in_node NS HOST CMD...: CMD in network namespace NS, a new UTS namespace named HOST, and a private
+# mount namespace whose /etc/hosts is the rig's. `nsenter --net` rather than `ip netns exec`, which
+# remounts /sys and so hides the cgroup tree slurmd insists on reading.
+_IN_NODE_SCRIPT = """#!/bin/sh
+# generated by tests/cluster/rig.py
+ns=$1; host=$2; shift 2
+exec nsenter --net=/run/netns/"$ns" unshare --uts --mount --propagation private -- \\
+  /bin/sh -c 'mount -n --bind @BASE@/etc/hosts /etc/hosts && hostname "$0" && exec "$@"' "$host" "$@"
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--base", type=Path, default=DEFAULT_BASE)
+    parser.add_argument("--no-warm-up", action="store_true")
+    args = parser.parse_args(argv)
+    cluster = NamespaceCluster(nodes=args.nodes, base=args.base, warm_up=not args.no_warm_up)
+    if args.action == "down":
+        cluster.down()
+        print("cluster down")
+        return 0
+    try:
+        took = cluster.up()
+    except RigError as exc:
+        print(f"cluster did not come up: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.nodes}-node cluster up in {took:.1f} s; use it with: source {cluster.base / 'env.sh'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Multi-node runs on a real 4-node Slurm cluster in network namespaces (tests/cluster/rig.py).
+
+Each node has its own address and hostname; the filesystem, /tmp and the pid space are shared, as
+on a cluster with a shared filesystem. Every job is submitted from the rig's login host; every wait
+is bounded.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import orjson
+import pytest
+from conftest import read_lines, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+INSTRUMENTED = str(REPO / "tests" / "launch_apps" / "instrumented.py")
+MPI_APP = str(REPO / "tests" / "mpi_apps" / "mpi_app.py")
+PY = sys.executable
+_script = Path(sys.executable).with_name("flowcept-launch")
+LAUNCH = [str(_script)] if _script.exists() else [PY, "-m", "flowcept.launch"]
+NODES = ["node1", "node2", "node3", "node4"]
+PER_NODE = 2
+
+pytestmark = pytest.mark.cluster
+
+
+def consolidated(out: Path) -> List[dict]:
+    """The records of the one consolidated workflow file in ``out``."""
+    files = [f for f in glob.glob(str(out / "flowcept_buffer_*.jsonl"))
+             if re.fullmatch(r"flowcept_buffer_[0-9a-f-]{36}\.jsonl", os.path.basename(f))]
+    assert len(files) == 1, f"expected one consolidated file in {out}, found {files}"
+    return read_lines(files[0])
+
+
+def check_placement(records: List[dict]) -> None:
+    """Ranks 2k and 2k+1 run on node k+1 (--ntasks-per-node=2), and every record says so."""
+    for r in records:
+        assert r["node_name"] == NODES[r["rank"] // PER_NODE], r
+        assert r["hostname"] == r["node_name"], r
+
+
+def srun_launch(cluster, out: Path, *app: str, extra: List[str] = (),
+                timeout: float = 120) -> subprocess.CompletedProcess:
+    args = ["srun", "-N", str(len(NODES)), f"--ntasks-per-node={PER_NODE}", *LAUNCH, "--output-dir", str(out),
+            *extra, "--", *app]
+    return cluster.run(args, timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize("instrumented", [False, True], ids=["plain-app", "instrumented-app"])
+def test_launch_on_four_nodes(ns_cluster, tmp_path: Path, instrumented: bool) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    plain = [PY, "-c", "import socket; print(socket.gethostname())"]
+    app = [PY, INSTRUMENTED, "--tasks", "4"] if instrumented else plain
+    proc = srun_launch(ns_cluster, out, *app, extra=["--keep-files", "--telemetry-interval", "0.2"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if not instrumented:
+        assert sorted(proc.stdout.split()[:8]) == sorted(NODES * PER_NODE)
+
+    # one daemon per node: each wrote its own node file on the shared filesystem
+    node_files = sorted(glob.glob(str(out / "flowcept_buffer_*_node-*.jsonl")))
+    assert [Path(f).stem.rsplit("_node-", 1)[1] for f in node_files] == NODES
+
+    records = consolidated(out)
+    assert len({r["workflow_id"] for r in records}) == 1
+    assert len([r for r in records if r["type"] == "workflow"]) == 1
+    tasks = [r for r in records if r["type"] == "task"]
+    ids = [r["task_id"] for r in tasks]
+    assert len(ids) == len(set(ids)), "a task appears twice"
+    process = [r for r in tasks if r.get("subtype") == "rank_process"]
+    assert sorted(r["rank"] for r in process) == list(range(8))
+    assert all(r["status"] == "FINISHED" for r in process)
+    check_placement(tasks)
+    steps = [r for r in tasks if r.get("activity_id") == "app_step"]
+    if instrumented:
+        per_rank = collections.Counter(r["rank"] for r in steps)
+        assert per_rank == {rank: 4 for rank in range(8)}
+    else:
+        assert steps == []
+    telemetry_hosts = {r["hostname"] for r in records if r["type"] == "telemetry"}
+    assert telemetry_hosts == set(NODES)
+
+
+def test_mpi4py_app_across_four_nodes(ns_cluster, tmp_path: Path) -> None:
+    """`with Flowcept(...)` on every rank of an mpi4py job spanning 4 nodes: one workflow, rank 0 merges."""
+    results = tmp_path / "results"
+    results.mkdir()
+    env = {**os.environ, "FLOWCEPT_PROJECT_DUMP_BUFFER_PATH": str(tmp_path / "flowcept_buffer.jsonl")}
+    proc = ns_cluster.run(["srun", "-N", "4", f"--ntasks-per-node={PER_NODE}", "--mpi=pmix", PY, MPI_APP,
+                           str(results), "ok", "5"], env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = [orjson.loads((results / f"rank{r}.json").read_bytes()) for r in range(8)]
+    assert len({(r["workflow_id"], r["bundle_exec_id"], r["campaign_id"]) for r in ranks}) == 1
+    assert {r["size"] for r in ranks} == {8}
+    records = read_lines(ranks[0]["output_path"])
+    tasks = [r for r in records if r["type"] == "task"]
+    expected = sorted(t for r in ranks for t in r["task_ids"])
+    assert sorted(r["task_id"] for r in tasks) == expected  # every task, once
+    check_placement(tasks)
+    assert {r["hostname"] for r in tasks} == set(NODES)
+    assert len([r for r in records if r["type"] == "workflow"]) == 1
+
+
+def test_multi_node_example_with_sbatch(ns_cluster, tmp_path: Path) -> None:
+    """slurm_examples/multi_node/job.sbatch, submitted as a user would, on 2 nodes x 4 ranks."""
+    out = tmp_path / "flowcept_out"
+    env = {**os.environ, "FLOWCEPT_EXAMPLE_PYTHON": PY, "FLOWCEPT_EXAMPLES_DIR": str(REPO / "slurm_examples"),
+           "FLOWCEPT_OUT": str(out)}
+    log = tmp_path / "job-%j.out"
+    script = REPO / "slurm_examples" / "multi_node" / "job.sbatch"
+    job = ns_cluster.run(["sbatch", "--parsable", "-o", str(log), str(script)],
+                         env=env, cwd=str(tmp_path)).stdout.strip().split(";")[0]
+    ns_cluster.wait_job_done(job, timeout=120)
+    text = (tmp_path / f"job-{job}.out").read_text()
+    state = ns_cluster.run(["scontrol", "show", "job", job], check=False).stdout
+    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, state + text
+    records = consolidated(out)
+    process = [r for r in records if r.get("subtype") == "rank_process"]
+    assert sorted(r["rank"] for r in process) == list(range(8))
+    assert {r["node_name"] for r in process} == {"node1", "node2"}
+    assert len([r for r in records if r["type"] == "workflow"]) == 1
+    assert {r["hostname"] for r in records if r["type"] == "telemetry"} == {"node1", "node2"}
+    assert "flowcept: workflow" in text
+
+
+def _daemon_pid(address: str) -> int:
+    """The pid of the daemon serving ``ipc://<runtime dir>/...``, from its ready file."""
+    runtime_dir = os.path.dirname(address.removeprefix("ipc://"))
+    return json.loads(Path(runtime_dir, "ready.json").read_text())["pid"]
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie its parent (the node's launcher) has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_killed_node_daemon_loses_nothing(ns_cluster, tmp_path: Path) -> None:
+    """node2's daemon is SIGKILLed mid-job: its ranks fall back to files and every task survives."""
+    out, handshake = tmp_path / "out", tmp_path / "handshake"
+    out.mkdir()
+    handshake.mkdir()
+    args = ["srun", "-N", "4", f"--ntasks-per-node={PER_NODE}", *LAUNCH, "--output-dir", str(out), "--",
+            PY, INSTRUMENTED, "--tasks", "20", "--pause", str(handshake)]
+    job = ns_cluster.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(list(handshake.glob("ready-*"))) == 8 or job.poll() is not None, 60, "all ranks ready")
+        assert job.poll() is None, job.communicate()
+        addresses: Dict[int, str] = {int(p.name.split("-")[1]): p.read_text() for p in handshake.glob("ready-*")}
+        victim = _daemon_pid(addresses[2])  # rank 2 runs on node2
+        assert {addresses[2], addresses[3]} == {addresses[2]} and addresses[2] != addresses[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: _dead(victim), 10, "the daemon to die")
+        (handshake / "go").write_text("")
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(timeout=10)
+    assert job.returncode == 0, stdout + stderr
+    tasks = [r for r in consolidated(out) if r["type"] == "task"]
+    ids = [r["task_id"] for r in tasks]
+    assert len(ids) == len(set(ids))
+    for activity in ("app_step", "app_step_after"):
+        per_rank = collections.Counter(r["rank"] for r in tasks if r.get("activity_id") == activity)
+        assert per_rank == {rank: 20 for rank in range(8)}, activity
+    check_placement(tasks)

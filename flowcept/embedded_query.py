@@ -405,6 +405,52 @@ def workflow_files(base_path: str, workflow_id: Optional[str] = None) -> List[st
     return files
 
 
+UPDATES_SUFFIX = ".updates"
+
+
+def updates_path(base_path: str, workflow_id: Optional[str]) -> str:
+    """``<dir>/<stem>_<workflow_id>.jsonl.updates``: the update log of ``Flowcept.db`` writes.
+
+    Beside the consolidated file, but no consolidation source (its name does not end in the
+    buffer suffix), so re-consolidating a workflow neither drops nor deletes the updates.
+    """
+    from flowcept.consolidation import consolidated_path
+
+    return consolidated_path(base_path, workflow_id or "no-workflow") + UPDATES_SUFFIX
+
+
+def update_files(base_path: str, workflow_id: Optional[str] = None) -> List[str]:
+    """The update logs under the base path (one workflow's when an id is given)."""
+    if workflow_id is not None:
+        path = updates_path(base_path, workflow_id)
+        return [path] if os.path.exists(path) else []
+    from flowcept.transport import split_base_path
+
+    directory, stem, suffix = split_base_path(base_path)
+    pattern = glob.escape(os.path.join(directory, f"{stem}_")) + "*" + glob.escape(suffix + UPDATES_SUFFIX)
+    return sorted(glob.glob(pattern))
+
+
+def append_update(base_path: str, record: Dict[str, Any]) -> str:
+    """Append one record to its workflow's update log (whole line, under an exclusive lock)."""
+    import fcntl
+
+    from flowcept.serialization import dumps_line
+
+    path = updates_path(base_path, record.get("workflow_id"))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    line = dumps_line(record)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    return path
+
+
 class FileStore:
     """The records of the workflows under a base path, merged as MongoDB would hold them."""
 
@@ -434,6 +480,17 @@ class FileStore:
                 anonymous += 1
                 key = ("#", anonymous)
             merge_into(store, key, record)
+        # Updates made through Flowcept.db come last, in the order they were made; a workflow's
+        # fields (status included) apply as given, as MongoDB's update does.
+        for record in self._records(update_files(self.base_path, workflow_id if isinstance(workflow_id, str)
+                                                 else None)):
+            if (record.get("type") or "task") != wanted_type or record.get(id_field) is None:
+                continue
+            key = record[id_field]
+            if name == "workflows" and key in store:
+                store[key].update({k: v for k, v in record.items() if v is not None})
+            else:
+                merge_into(store, key, record)
         return list(store.values())
 
     @staticmethod

@@ -26,6 +26,7 @@ import orjson
 logger = logging.getLogger(__name__)
 
 _SUFFIX = ".jsonl"
+_SEQ = itertools.count()  # per process: sinks of one process share a spool directory
 
 
 class Spool:
@@ -35,7 +36,6 @@ class Spool:
         self.directory = directory
         self.max_bytes = max_bytes
         self.refused_records = 0
-        self._seq = itertools.count()
         os.makedirs(directory, mode=0o700, exist_ok=True)
 
     def segments(self) -> List[str]:
@@ -72,7 +72,7 @@ class Spool:
                          "still in the workflow's JSONL files (reload with load_workflow)",
                          self.directory, self.max_bytes, len(records))
             return False
-        name = f"{time.time_ns():020d}-{os.getpid():08d}-{next(self._seq):08d}{_SUFFIX}"
+        name = f"{time.time_ns():020d}-{os.getpid():08d}-{next(_SEQ):08d}{_SUFFIX}"
         final = os.path.join(self.directory, name)
         tmp = os.path.join(self.directory, "." + name + ".tmp")
         with open(tmp, "wb") as handle:

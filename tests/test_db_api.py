@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -160,7 +161,7 @@ def _every_method(db: Any, tmp_path: Path) -> None:
     assert len(frame) == 12 and "used.x" in frame.columns
     out = db.dump_to_file("tasks", {"workflow_id": "wfB"}, str(tmp_path / "b.json"), "json")
     assert sorted(d["task_id"] for d in json.loads(Path(out).read_text())) == ["b0", "b1", "b2", "b3"]
-    pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow", reason="parquet export needs pyarrow (in the 'test' extra)")
     import pandas as pd
 
     out = db.dump_to_file("tasks", {}, str(tmp_path / "all.parquet"), "parquet")
@@ -248,3 +249,63 @@ def test_liveness_false_is_bounded(monkeypatch):
     started = time.monotonic()
     assert DBAPI().liveness_test() is False
     assert time.monotonic() - started < 5
+
+
+def _update_wfB(db: Any) -> None:
+    db.insert_or_update_task({"task_id": "b3", "workflow_id": "wfB", "status": "FINISHED", "ended_at": 313.0,
+                              "generated": {"fixed": True}})
+    db.insert_or_update_task({"task_id": "b9", "workflow_id": "wfB", "activity_id": "added", "status": "FINISHED"})
+    db.insert_or_update_workflow({"workflow_id": "wfB", "name": "beta-renamed"})
+
+
+def _check_wfB_updated(db: Any) -> None:
+    tasks = {t["task_id"]: t for t in db.task_query({"workflow_id": "wfB"})}
+    assert sorted(tasks) == ["b0", "b1", "b2", "b3", "b9"]
+    assert tasks["b3"]["status"] == "FINISHED" and tasks["b3"]["generated"] == {"fixed": True}
+    assert tasks["b3"]["used"] == {"x": 103} and tasks["b3"]["ended_at"] == 313.0  # merged, not replaced
+    [workflow] = db.workflow_query({"workflow_id": "wfB"})
+    assert workflow["name"] == "beta-renamed" and workflow["status"] == "FINISHED"
+
+
+def test_embedded_updates_survive_reconsolidation(buffer_base):
+    from flowcept.consolidation import consolidate
+    from flowcept.embedded_query import update_files
+    from flowcept.flowcept_api.db_api import DBAPI
+
+    write_dataset(buffer_base)
+    consolidate(buffer_base, "wfB")
+    db = DBAPI()
+    _update_wfB(db)
+    _check_wfB_updated(db)
+    [log] = update_files(buffer_base, "wfB")
+    formats = ["jsonl", "jsonl"] + (["hdf5"] if importlib.util.find_spec("h5py") else [])
+    for output_format in formats:  # re-consolidations never drop or delete the log
+        consolidate(buffer_base, "wfB", output_format=output_format)
+        assert Path(log).exists()
+        _check_wfB_updated(db)
+    assert len(db.task_query({"workflow_id": "wfA"})) == 12  # other workflows untouched
+    assert {t["task_id"] for t in db.task_query({"task_id": {"$in": ["b9", "a00"]}})} == {"b9", "a00"}
+    deleted = db.delete_workflow_data("wfB")
+    assert deleted["tasks"] == 5 and not Path(log).exists()
+    assert db.task_query({"workflow_id": "wfB"}) == []
+
+
+@pytest.mark.mongo
+@requires_server
+def test_embedded_updates_reach_the_server_on_load(mongo_env, buffer_base, monkeypatch):
+    from flowcept.flowcept_api.db_api import DBAPI
+
+    write_dataset(buffer_base)
+    monkeypatch.setenv("FLOWCEPT_DATABASES_MONGODB_ENABLED", "false")
+    embedded = DBAPI()
+    _update_wfB(embedded)
+    monkeypatch.setenv("FLOWCEPT_DATABASES_MONGODB_ENABLED", "true")
+    _load_into_mongo(buffer_base)
+    _load_into_mongo(buffer_base)  # twice: idempotent
+    server = DBAPI()
+    _check_wfB_updated(server)
+    monkeypatch.setenv("FLOWCEPT_DATABASES_MONGODB_ENABLED", "false")
+    files = _by_id(embedded.task_query({}))
+    monkeypatch.setenv("FLOWCEPT_DATABASES_MONGODB_ENABLED", "true")
+    assert _by_id(server.task_query({})) == files
+    server.close()

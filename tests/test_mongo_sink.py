@@ -246,3 +246,30 @@ def test_plain_script_with_the_database_down_spools_then_delivers(mongo_env, tmp
     assert load_settings()["databases.mongodb.uri"] == mongo_env["FLOWCEPT_DATABASES_MONGODB_URI"]
     assert _db(mongo_env).tasks.count_documents({"workflow_id": wf}) == 30
     assert _db(mongo_env).workflows.count_documents({"workflow_id": wf, "status": "FINISHED"}) == 1
+
+
+def test_sinks_of_one_process_share_one_client(mongo_env):
+    from flowcept.sinks.mongodb import shared_clients
+
+    first, second = _sink(flush_interval_s=0.05), _sink(flush_interval_s=0.05)
+    other = _sink(timeout_s=1.5)  # other options: a client of its own
+    client = first._client
+    try:
+        assert second._client is client and other._client is not client
+        assert shared_clients.users(client) == 2
+        first.write(_tasks(10, wf="wf-a"))
+        first.close()
+        assert shared_clients.users(client) == 1  # the other sink still uses it
+        second.write(_tasks(10, wf="wf-b"))
+        assert second.flush()
+        db = _db(mongo_env)
+        assert db.tasks.count_documents({"workflow_id": {"$in": ["wf-a", "wf-b"]}}) == 20
+    finally:
+        for sink in (first, second, other):
+            sink.close()
+    assert shared_clients.users(client) == 0  # the last close closed it
+    third = _sink()
+    try:
+        assert third._client is not client
+    finally:
+        third.close()

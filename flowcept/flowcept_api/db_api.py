@@ -232,31 +232,23 @@ class DBAPI:
         return self._write(record)
 
     def _write(self, record: Dict[str, Any]) -> bool:
-        from flowcept.serialization import dumps_line
+        import orjson
 
+        from flowcept.serialization import dumps_line
+        from flowcept.sinks.mongodb import _redact_record
+
+        record = _redact_record(orjson.loads(dumps_line(record)))  # JSON-safe, URI redacted
         settings = self._settings()
         db = self._mongo(settings)
         if db is not None:
-            import orjson
+            from flowcept.sinks.mongodb import apply_updates
 
-            from flowcept.sinks.mongodb import write_records
-
-            if record["type"] == "workflow":  # an explicit update: its status applies as given
-                from flowcept.sinks.mongodb import _non_null, _redact_record
-
-                fields = _non_null(_redact_record(orjson.loads(dumps_line(record))))
-                db["workflows"].update_one({"workflow_id": fields["workflow_id"]}, {"$set": fields}, upsert=True)
-            else:
-                write_records(db, [orjson.loads(dumps_line(record))])
+            apply_updates(db, [record])
             return True
-        # Embedded: an update file beside the workflow's others; queries merge it last.
-        from flowcept.transport import process_file_path
+        # Embedded: the workflow's update log, which queries merge last and consolidation keeps.
+        from flowcept.embedded_query import append_update
 
-        path = process_file_path(settings["project.dump_buffer.path"], record.get("workflow_id") or "none",
-                                 "dbapi", os.getpid())
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "ab") as handle:
-            handle.write(dumps_line(record))
+        append_update(settings["project.dump_buffer.path"], record)
         return True
 
     def delete_workflow_data(self, workflow_id: str) -> Dict[str, int]:
@@ -274,7 +266,10 @@ class DBAPI:
         store = self._store(settings)
         for name in ("tasks", "telemetry", "objects", "workflows"):
             counts[name] = len(store.collection(name, {"workflow_id": workflow_id}))
-        for path in workflow_files(settings["project.dump_buffer.path"], workflow_id):
+        from flowcept.embedded_query import update_files
+
+        base = settings["project.dump_buffer.path"]
+        for path in workflow_files(base, workflow_id) + update_files(base, workflow_id):
             try:
                 os.unlink(path)
                 counts["files"] += 1

@@ -93,6 +93,52 @@ def make_client(uri: str, timeout_s: float) -> Any:
                                socketTimeoutMS=max(30000, 10 * ms), appname="flowcept")
 
 
+class _SharedClients:
+    """One MongoClient per (URI, timeout, process), shared by every sink of the process.
+
+    A node daemon makes a sink per workflow; each client would hold its own connection pool and
+    monitor threads. Clients are reference-counted and closed when their last user releases them.
+    The pid in the key keeps a forked child from using its parent's sockets.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: Dict[Tuple[str, float, int], List[Any]] = {}  # key -> [client, users]
+
+    def acquire(self, uri: str, timeout_s: float) -> Any:
+        key = (uri, float(timeout_s), os.getpid())
+        with self._lock:
+            entry = self._clients.get(key)
+            if entry is None:
+                entry = self._clients[key] = [make_client(uri, timeout_s), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, client: Any) -> None:
+        """Drop one use of ``client``; the last release closes it."""
+        with self._lock:
+            for key, entry in list(self._clients.items()):
+                if entry[0] is client:
+                    entry[1] -= 1
+                    if entry[1] > 0:
+                        return
+                    del self._clients[key]
+                    break
+            else:
+                return
+        with _indexed_lock:  # a later client may reuse this one's id()
+            _indexed.difference_update({k for k in _indexed if k[0] == id(client)})
+        client.close()
+
+    def users(self, client: Any) -> int:
+        """How many holders ``client`` has (0 once closed)."""
+        with self._lock:
+            return next((entry[1] for entry in self._clients.values() if entry[0] is client), 0)
+
+
+shared_clients = _SharedClients()
+
+
 def ensure_indexes(db: Any) -> None:
     """Create the collections' indexes, once per process and database."""
     key = (id(db.client), db.name)
@@ -259,6 +305,25 @@ def write_records(db: Any, records: List[Dict[str, Any]]) -> int:
     return sum(len(g) for g in groups.values())
 
 
+def apply_updates(db: Any, records: List[Dict[str, Any]]) -> None:
+    """Apply explicit ``Flowcept.db`` updates.
+
+    Tasks merge as the sink merges them; a workflow's fields, status included, are set as given.
+    """
+    from pymongo import UpdateOne
+
+    tasks = [r for r in records if r.get("type") != "workflow"]
+    operations = []
+    for record in records:
+        if record.get("type") == "workflow" and record.get("workflow_id") is not None:
+            fields = _non_null(_redact_record(record))
+            operations.append(UpdateOne({"workflow_id": fields["workflow_id"]}, {"$set": fields}, upsert=True))
+    if tasks:
+        write_records(db, tasks)
+    if operations:
+        db["workflows"].bulk_write(operations, ordered=True)
+
+
 def _dispatch(collection: Any, group: List[Dict[str, Any]], writer: Any) -> None:
     if writer is not None:
         writer(collection, group)
@@ -320,7 +385,7 @@ class MongoSink:
         self.written = 0
         self.spooled = 0
         self.failures = 0
-        self._client = make_client(self.uri, self.timeout_s)
+        self._client = shared_clients.acquire(self.uri, self.timeout_s)
         self._db = self._client[self.db_name]
         self._pending: List[Dict[str, Any]] = []
         self._busy = False
@@ -384,7 +449,7 @@ class MongoSink:
             self.spooled += len(left)
         if self.spool.refused_records:
             logger.error("%d record(s) could not be spooled for MongoDB (spool full)", self.spool.refused_records)
-        self._client.close()
+        shared_clients.release(self._client)
 
     def counters(self) -> Dict[str, int]:
         return {"written": self.written, "spooled": self.spooled, "failures": self.failures,
@@ -484,6 +549,24 @@ def iter_workflow_records(base_path: str, workflow_id: str) -> Iterable[Dict[str
                 yield record
 
 
+def _updates_of(base_path: str, workflow_id: str) -> str:
+    from flowcept.embedded_query import updates_path
+
+    return updates_path(base_path, workflow_id)
+
+
+def iter_workflow_updates(base_path: str, workflow_id: str) -> Iterable[Dict[str, Any]]:
+    """The ``Flowcept.db`` updates of ``workflow_id`` made without MongoDB, in order."""
+    from flowcept.consolidation import iter_file_lines
+
+    path = _updates_of(base_path, workflow_id)
+    if not os.path.exists(path):
+        return
+    for record in _parse_lines(iter_file_lines(path, [])):
+        if isinstance(record, dict) and record.get("workflow_id") == workflow_id:
+            yield record
+
+
 def _parse_lines(lines: Iterable[bytes]) -> Iterable[Dict[str, Any]]:
     for line in lines:
         try:
@@ -506,7 +589,7 @@ def load_workflow(base_path: str, workflow_id: str, settings: Any = None, batch_
     from flowcept.mongo_spool import Spool
 
     uri = mongo_uri(settings)
-    client = make_client(uri, settings["databases.mongodb.timeout_s"])
+    client = shared_clients.acquire(uri, settings["databases.mongodb.timeout_s"])
     spool = Spool(default_spool_dir(settings), settings["databases.mongodb.spool_max_bytes"])
     db = client[settings["databases.mongodb.db"]]
     loaded = 0
@@ -528,10 +611,22 @@ def load_workflow(base_path: str, workflow_id: str, settings: Any = None, batch_
                 loaded += len(batch)
                 batch = []
         if batch:
-            _load_batch(db, spool, batch, down, errors, uri)
+            down = _load_batch(db, spool, batch, down, errors, uri)
             loaded += len(batch)
+        updates = list(iter_workflow_updates(base_path, workflow_id))
+        if updates:
+            loaded += len(updates)
+            if down:
+                logger.warning("MongoDB down: %d Flowcept.db update(s) of workflow %s stay in %s only",
+                               len(updates), workflow_id, os.path.basename(_updates_of(base_path, workflow_id)))
+            else:
+                try:
+                    apply_updates(db, updates)
+                except errors as error:
+                    logger.warning("MongoDB at %s stopped answering (%s); updates not loaded", redact_uri(uri),
+                                   _redact_text(str(error), uri)[:300])
     finally:
-        client.close()
+        shared_clients.release(client)
     logger.info("loaded %d record(s) of workflow %s into %s", loaded, workflow_id, redact_uri(uri))
     return loaded
 

@@ -1,0 +1,158 @@
+"""Scale benchmark on the namespace cluster rig: many nodes, many ranks, millions of tasks.
+
+Brings up an N-node Slurm cluster in network namespaces (tests/cluster/rig.py; root, Slurm and
+iproute2 needed), runs ``srun -N NODES --ntasks-per-node=R flowcept-launch --no-consolidate --
+python scale_app.py`` with T tasks per rank, then consolidates the workflow in a separate process
+(as ``flowcept consolidate`` after a job) to time it and read its peak memory. A second, 10x
+smaller consolidation of the same shape shows whether memory stays flat as the input grows.
+
+Prints: capture rate per rank (median, min), daemon ingest per node (records written by each
+node's daemon over the span its ranks were producing, and whether any rank spilled to its own
+file), job wall time, consolidation rate and peak RSS for both sizes, and output size.
+
+Usage: python benchmarks/bench_scale.py [--nodes 16] [--ranks-per-node 8] [--tasks 100000]
+       (the default is the issue's aim: 128 ranks on 16 nodes, 12.8 M tasks; --quick: 4x2x20k)
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from cluster.rig import NamespaceCluster, missing_requirements  # noqa: E402
+
+APP = REPO / "benchmarks" / "scale_app.py"
+
+
+def _count_lines(path: str) -> int:
+    count = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            count += chunk.count(b"\n")
+    return count
+
+
+def _consolidate(workflow_id: str, buffer_path: str) -> dict:
+    """Run consolidation in a child process; its wall time and peak RSS (from wait4's rusage)."""
+    code = ("import sys; from flowcept.consolidation import consolidate, consolidated_path; "
+            "consolidate(sys.argv[2], sys.argv[1], cleanup_files=False); "
+            "print(consolidated_path(sys.argv[2], sys.argv[1]))")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, workflow_id, buffer_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"consolidation failed: {stderr[-2000:]}")
+    output = stdout.strip().splitlines()[-1]
+    return {"seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "records": _count_lines(output),
+            "bytes": os.path.getsize(output)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=16)
+    parser.add_argument("--ranks-per-node", type=int, default=8)
+    parser.add_argument("--tasks", type=int, default=100_000, help="tasks per rank")
+    parser.add_argument("--quick", action="store_true", help="4 nodes x 2 ranks x 20k tasks")
+    parser.add_argument("--keep", action="store_true", help="keep the output directory")
+    args = parser.parse_args()
+    if args.quick:
+        args.nodes, args.ranks_per_node, args.tasks = 4, 2, 20_000
+    missing = missing_requirements()
+    if missing:
+        sys.exit(f"needs: {', '.join(missing)}")
+    ranks = args.nodes * args.ranks_per_node
+    work = Path(tempfile.mkdtemp(prefix="flowcept-scale-"))
+    out, results = work / "out", work / "results"
+    out.mkdir()
+    results.mkdir()
+    launch = Path(sys.executable).with_name("flowcept-launch")
+    launch_cmd = [str(launch)] if launch.exists() else [sys.executable, "-m", "flowcept.launch"]
+    cluster = NamespaceCluster(nodes=args.nodes, cpus_per_node=max(4, args.ranks_per_node))
+    print(f"machine: {os.cpu_count()} CPUs; {args.nodes} nodes x {args.ranks_per_node} ranks = {ranks} ranks, "
+          f"{args.tasks:,} tasks each = {ranks * args.tasks:,} tasks")
+    up_s = cluster.up()
+    print(f"rig up in {up_s:.1f} s")
+    try:
+        env = {**os.environ, "FLOWCEPT_PROJECT_DUMP_BUFFER_PATH": str(out / "flowcept_buffer.jsonl")}
+        start = time.perf_counter()
+        proc = cluster.run(["srun", "-N", str(args.nodes), f"--ntasks-per-node={args.ranks_per_node}", *launch_cmd,
+                            "--no-consolidate", "--keep-files", "-q", "--output-dir", str(out), "--",
+                            sys.executable, str(APP), str(results), str(args.tasks)],
+                           env=env, timeout=3600, check=False)
+        job_s = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.exit(f"job failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    finally:
+        cluster.down()
+
+    rank_results = [json.loads(p.read_text()) for p in results.glob("rank*.json")]
+    assert len(rank_results) == ranks, f"{len(rank_results)} of {ranks} ranks reported"
+    rates = sorted(r["tasks"] / r["capture_s"] for r in rank_results)
+    print(f"job wall time {job_s:.1f} s")
+    print(f"capture per rank: median {statistics.median(rates):,.0f} tasks/s "
+          f"({1e6 / statistics.median(rates):.2f} us/task), slowest {rates[0]:,.0f}, fastest {rates[-1]:,.0f}; "
+          f"stop() median {statistics.median(r['stop_s'] for r in rank_results) * 1e3:.1f} ms")
+
+    node_files = sorted(glob.glob(str(out / "flowcept_buffer_*_node-*.jsonl")))
+    workflow_id = Path(node_files[0]).name.split("_")[2]
+    per_node = []
+    for path in node_files:
+        node = path.rsplit("_node-", 1)[1].removesuffix(".jsonl")
+        mine = [r for r in rank_results if r["node"] == node]
+        span = max(r["ended_at"] for r in mine) - min(r["began_at"] for r in mine)
+        records = _count_lines(path)
+        per_node.append((node, records, records / span if span > 0 else 0.0))
+    spilled = [p for p in glob.glob(str(out / "flowcept_buffer_*.jsonl"))
+               if "_node-" not in p and os.path.getsize(p) > 0 and _count_lines(p) > 2]
+    node_rates = sorted(rate for _, _, rate in per_node)
+    print(f"daemon ingest per node: median {statistics.median(node_rates):,.0f} records/s over the ranks' span "
+          f"(min {node_rates[0]:,.0f}, max {node_rates[-1]:,.0f}); {len(node_files)} node files, "
+          f"{sum(r for _, r, _ in per_node):,} records; per-process files with spilled tasks: {len(spilled)}")
+
+    full = _consolidate(workflow_id, str(out / "flowcept_buffer.jsonl"))
+    expected_tasks = ranks * args.tasks
+    print(f"consolidation (full): {full['records']:,} records, {full['bytes'] / 2**20:,.0f} MiB in "
+          f"{full['seconds']:.1f} s = {full['records'] / full['seconds']:,.0f} records/s; "
+          f"peak RSS {full['peak_rss_mib']:.0f} MiB")
+    if full["records"] < expected_tasks:
+        print(f"WARNING: {expected_tasks - full['records']:,} tasks missing from the consolidated output")
+
+    # a 10x smaller input of the same shape: the first tenth of each node file
+    small_dir = work / "small"
+    small_dir.mkdir()
+    for path in node_files:
+        keep = _count_lines(path) // 10
+        with open(path, "rb") as src, open(small_dir / Path(path).name, "wb") as dst:
+            for i, line in enumerate(src):
+                if i >= keep:
+                    break
+                dst.write(line)
+    small = _consolidate(workflow_id, str(small_dir / "flowcept_buffer.jsonl"))
+    print(f"consolidation (1/10 input): {small['records']:,} records in {small['seconds']:.1f} s = "
+          f"{small['records'] / small['seconds']:,.0f} records/s; peak RSS {small['peak_rss_mib']:.0f} MiB "
+          f"(full/small peak RSS ratio {full['peak_rss_mib'] / small['peak_rss_mib']:.2f} for 10x the input)")
+    self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"(this script's own peak RSS: {self_rss:.0f} MiB)")
+    if args.keep:
+        print(f"output kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The job directory: one CURVE key set per job, and where each node's daemon of the job listens.
+
+A node daemon's ``ipc://`` socket is reachable only on its own node. To show every node of a
+running job (``flowcept daemon status --job``, ``flowcept top --job``) a client on any host talks
+to each daemon over TCP, and TCP needs authentication: ZeroMQ CURVE, with keys made per job and
+kept where only the user can read them. The directory lives on a filesystem all nodes share
+(``daemon.jobs_dir``, default ``~/.flowcept/jobs``: home directories are shared on clusters, node
+``/tmp`` is not)::
+
+    <jobs_dir>/<job id>/            0700
+        curve/server.key[_secret]   the daemons' key pair (one per job)
+        curve/client.key[_secret]   the key pair a status client must hold
+        curve/authorized/client.key what the daemons accept (ZAP location)
+        nodes/<node>.<step>.json    {"node", "step", "address", "pid", "registered_at"}
+
+Keys are created once per job, atomically (a private temp directory renamed into place), so the
+first node to start wins and every other node uses the same keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket as socket_module
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import orjson
+
+from flowcept import protocol
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_JOBS_DIR = "~/.flowcept/jobs"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class JobKeysError(RuntimeError):
+    """The job's keys are missing or unreadable; the message says which and what to do."""
+
+
+def jobs_base(base: Optional[str] = None) -> str:
+    """``base``, else ``daemon.jobs_dir`` (``FLOWCEPT_DAEMON_JOBS_DIR``), else ``~/.flowcept/jobs``."""
+    if not base:
+        try:
+            from flowcept.settings import load_settings
+
+            base = load_settings()["daemon.jobs_dir"]
+        except Exception:  # settings unreadable: the default still works
+            base = None
+    return os.path.abspath(os.path.expanduser(base or DEFAULT_JOBS_DIR))
+
+
+def job_dir(job_id: str, base: Optional[str] = None) -> str:
+    """``<jobs base>/<job id>``; a job id is one path component."""
+    if not job_id or "/" in job_id or job_id in (".", ".."):
+        raise ValueError(f"not a job id: {job_id!r}")
+    return os.path.join(jobs_base(base), job_id)
+
+
+def curve_dir(directory: str) -> str:
+    """Where a job directory keeps its CURVE keys."""
+    return os.path.join(directory, "curve")
+
+
+def _private_dirs(*paths: str) -> None:
+    for path in paths:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o700)
+
+
+def ensure_keys(directory: str) -> str:
+    """The job's key directory, creating the keys if no node has yet; returns ``<directory>/curve``."""
+    import zmq.auth
+
+    keys = curve_dir(directory)
+    if os.path.exists(os.path.join(keys, "server.key_secret")):
+        return keys
+    _private_dirs(os.path.dirname(directory), directory)
+    staging = os.path.join(directory, f".curve-{socket_module.gethostname()}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    _private_dirs(staging, os.path.join(staging, "authorized"))
+    zmq.auth.create_certificates(staging, "server")
+    zmq.auth.create_certificates(staging, "client")
+    shutil.copyfile(os.path.join(staging, "client.key"), os.path.join(staging, "authorized", "client.key"))
+    for name in os.listdir(staging):
+        path = os.path.join(staging, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o600)
+    try:
+        os.rename(staging, keys)  # atomic; fails when another node made the keys first
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not os.path.exists(os.path.join(keys, "server.key_secret")):
+            raise
+    return keys
+
+
+def _load(keys: str, name: str) -> Tuple[bytes, Optional[bytes]]:
+    import zmq.auth
+
+    path = os.path.join(keys, name)
+    try:
+        return zmq.auth.load_certificate(path)
+    except PermissionError:
+        raise JobKeysError(f"cannot read the job's key {path}: permission denied (the keys of a job are "
+                           f"readable only by the user who ran it)") from None
+    except (OSError, ValueError) as error:
+        raise JobKeysError(f"cannot read the job's key {path}: {error}") from None
+
+
+def server_keys(keys: str) -> Tuple[bytes, bytes]:
+    """(public, secret) of the job's daemons."""
+    public, secret = _load(keys, "server.key_secret")
+    return public, secret
+
+
+def client_keys(keys: str) -> Tuple[bytes, bytes, bytes]:
+    """(server public, client public, client secret): what a status client needs."""
+    server_public, _ = _load(keys, "server.key")
+    public, secret = _load(keys, "client.key_secret")
+    return server_public, public, secret
+
+
+def advertised_host() -> str:
+    """An address other nodes can reach this one at: the host name's non-loopback address."""
+    name = socket_module.gethostname()
+    try:
+        infos = socket_module.getaddrinfo(name, None, socket_module.AF_INET)
+    except OSError:
+        return name
+    for info in infos:
+        address = info[4][0]
+        if not address.startswith("127."):
+            return address
+    return name
+
+
+def register_node(directory: str, node: str, step: str, address: str, pid: int) -> str:
+    """Announce a node daemon's TCP address in the job directory; returns the entry's path."""
+    nodes = os.path.join(directory, "nodes")
+    _private_dirs(os.path.dirname(directory), directory, nodes)
+    path = os.path.join(nodes, _UNSAFE.sub("-", f"{node}.{step}") + ".json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(orjson.dumps({"node": node, "step": step, "address": address, "pid": pid,
+                                   "registered_at": time.time()}))
+    os.replace(tmp, path)
+    return path
+
+
+def unregister_node(path: str) -> None:
+    """Remove a daemon's entry at its exit (a crashed daemon's entry stays and answers 'no answer')."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def list_nodes(directory: str) -> List[Dict[str, Any]]:
+    """The registered daemons of a job, sorted by node then step."""
+    nodes = os.path.join(directory, "nodes")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no job directory {directory}: is the job running under flowcept-launch, "
+                                f"and is daemon.jobs_dir the same here as in the job?")
+    out = []
+    for name in sorted(os.listdir(nodes)) if os.path.isdir(nodes) else []:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(nodes, name), "rb") as handle:
+                entry = orjson.loads(handle.read())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if isinstance(entry, dict) and entry.get("address"):
+            out.append(entry)
+    return sorted(out, key=lambda e: (str(e.get("node")), str(e.get("step"))))
+
+
+def remote_status(address: str, keys: Tuple[bytes, bytes, bytes], timeout_s: float = 2.0) -> Dict[str, Any]:
+    """Ask one daemon for its status over CURVE: its status dict, or ``{"error": ...}``.
+
+    A daemon that rejects the client's key answers the handshake with an error, which the socket
+    monitor reports; that is told apart from a daemon that does not answer at all.
+    """
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    server_public, public, secret = keys
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_serverkey = server_public
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.connect(address)
+        sock.send_multipart(protocol.encode_status_request())
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            ready = dict(poller.poll(int(left * 1000) + 1))
+            if monitor in ready:
+                event = recv_monitor_message(monitor)["event"]
+                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    return {"address": address, "error": "refused: this client's key is not the job's"}
+                if event != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    return {"address": address, "error": "refused: CURVE handshake failed (wrong server key?)"}
+            if sock in ready:
+                reply = protocol.decode(sock.recv_multipart(), 1 << 30, kinds=protocol.DAEMON_KINDS)
+                if reply.kind == "status" and reply.payload:
+                    status = orjson.loads(reply.payload)
+                    status["tcp_address"] = address
+                    return status
+                return {"address": address, "error": f"unexpected reply {reply.kind!r}"}
+        return {"address": address, "error": "no answer"}
+    except (zmq.ZMQError, protocol.ProtocolError, OSError) as error:
+        return {"address": address, "error": f"failed: {error}"}
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        context.term()
+
+
+def job_statuses(job_id: str, base: Optional[str] = None, timeout_s: float = 2.0,
+                 keys: Optional[Tuple[bytes, bytes, bytes]] = None) -> List[Dict[str, Any]]:
+    """The status of every registered daemon of a job, asked in parallel; errors become entries."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    directory = job_dir(job_id, base)
+    entries = list_nodes(directory)
+    if keys is None:
+        keys = client_keys(curve_dir(directory))
+    if not entries:
+        return []
+
+    def ask(entry: Dict[str, Any]) -> Dict[str, Any]:
+        status = remote_status(entry["address"], keys, timeout_s)
+        status.setdefault("node", entry.get("node"))
+        status["step"] = entry.get("step")
+        return status
+
+    with ThreadPoolExecutor(max_workers=min(32, len(entries))) as pool:
+        return list(pool.map(ask, entries))

@@ -106,6 +106,9 @@ KEYS: Tuple[Key, ...] = (
     Key("daemon.metrics_port", 0, "int", "Prometheus /metrics port (0: off)."),
     Key("daemon.metrics_host", "127.0.0.1", "str", "Address the /metrics endpoint binds to."),
     Key("daemon.tcp_port", 0, "int", "TCP port for cross-node use with CURVE (0: off)."),
+    Key("daemon.jobs_dir", "~/.flowcept/jobs", "str",
+        "Per-job directory (shared by all nodes) with the job's CURVE keys and each node daemon's TCP "
+        "address, for `flowcept daemon status --job` and `flowcept top --job`."),
     # launch
     Key("launch.ready_timeout_s", 30.0, "float", "How long ranks wait for their node daemon."),
     Key("launch.finish_timeout_s", 120.0, "float", "How long rank 0 waits for all ranks to finish."),

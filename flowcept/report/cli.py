@@ -72,6 +72,10 @@ def export_command(fmt: str, input_path: Optional[str], workflow_id: Optional[st
 @click.option("--address", "addresses", multiple=True, help="Daemon address (ipc:// or tcp://); repeatable.")
 @click.option("--runtime-dir", "runtime_dirs", multiple=True, type=click.Path(file_okay=False),
               help="A daemon's runtime directory (its ready file names the address); repeatable.")
+@click.option("--job", "job_id", default=None,
+              help="Every node of a running job (its daemons over TCP with the job's CURVE keys).")
+@click.option("--jobs-dir", default=None, type=click.Path(file_okay=False),
+              help="Where the job directories are [daemon.jobs_dir].")
 @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
               help="Seconds between refreshes.")
 @click.option("--iterations", default=None, type=click.IntRange(min=1),
@@ -79,16 +83,33 @@ def export_command(fmt: str, input_path: Optional[str], workflow_id: Optional[st
 @click.option("--once", is_flag=True, help="Print one refresh and exit.")
 @click.option("--timeout", "timeout_s", default=1.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Seconds to wait for each daemon's answer.")
-def top_command(addresses: Tuple[str, ...], runtime_dirs: Tuple[str, ...], interval: float,
-                iterations: Optional[int], once: bool, timeout_s: float) -> None:
+def top_command(addresses: Tuple[str, ...], runtime_dirs: Tuple[str, ...], job_id: Optional[str],
+                jobs_dir: Optional[str], interval: float, iterations: Optional[int], once: bool,
+                timeout_s: float) -> None:
     """Live view of the node daemons: CPU, memory, GPUs, records/s, drops (q or Ctrl-C quits)."""
     from flowcept.report.top import daemon_status_provider, discover_addresses, run_top
 
+    if once:
+        iterations = 1
+    if job_id:
+        from flowcept import job_registry
+
+        try:
+            keys = job_registry.client_keys(job_registry.curve_dir(job_registry.job_dir(job_id, jobs_dir)))
+        except (job_registry.JobKeysError, ValueError) as error:
+            raise click.ClickException(str(error)) from error
+
+        def provide() -> list:
+            try:
+                return job_registry.job_statuses(job_id, jobs_dir, timeout_s=timeout_s, keys=keys)
+            except FileNotFoundError as error:
+                return [{"node": job_id, "error": str(error)}]
+
+        run_top(provide, interval_s=interval, iterations=iterations, live=None if iterations is None else False)
+        return
     found = discover_addresses(addresses, runtime_dirs)
     if not found:
         raise click.ClickException("no node daemon found: pass --address or --runtime-dir, or set "
                                    "daemon.address (FLOWCEPT_DAEMON_ADDRESS)")
-    if once:
-        iterations = 1
     run_top(daemon_status_provider(found, timeout_s=timeout_s), interval_s=interval, iterations=iterations,
             live=None if iterations is None else False)

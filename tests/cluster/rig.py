@@ -33,12 +33,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BRIDGE = "fcpbr0"
-SUBNET = "10.79.0"
-ROOT_IP = f"{SUBNET}.254"
-HEAD_IP = f"{SUBNET}.1"
-LOGIN_IP = f"{SUBNET}.2"
-NS_PREFIX = "fcp-"
 DEFAULT_BASE = Path("/tmp/flowcept-nscluster")
 REQUIRED_COMMANDS = ("ip", "nsenter", "unshare", "runuser", "munged", "slurmctld", "slurmd", "sinfo", "srun")
 STUB_CONF = "# flowcept namespace cluster is down\nFLOWCEPT_NSCLUSTER_IS_DOWN=1\n"
@@ -46,10 +40,6 @@ STUB_CONF = "# flowcept namespace cluster is down\nFLOWCEPT_NSCLUSTER_IS_DOWN=1\
 
 class RigError(RuntimeError):
     """The cluster could not be brought up; the message says which step and shows its log."""
-
-
-def node_ip(index: int) -> str:
-    return f"{SUBNET}.{10 + index}"
 
 
 def missing_requirements() -> list[str]:
@@ -61,7 +51,10 @@ def missing_requirements() -> list[str]:
 
 
 def _sh(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=check, capture_output=True, text=True, **kwargs)
+    proc = subprocess.run(list(args), capture_output=True, text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise RigError(f"`{' '.join(args)}` failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
 
 
 def _comm(pid: int) -> str:
@@ -93,6 +86,7 @@ class NamespaceCluster:
 
     nodes: int = 4
     base: Path = DEFAULT_BASE
+    tag: int = 0  # rigs with different tags coexist: own bridge, namespaces, subnet 10.79.<tag>.0/24
     cpus_per_node: int = 4
     mem_mb: int = 2000
     warm_up: bool = True
@@ -101,8 +95,19 @@ class NamespaceCluster:
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 200:
             raise ValueError(f"nodes must be 1..200, got {self.nodes}")
+        if not 0 <= self.tag <= 99:
+            raise ValueError(f"tag must be 0..99, got {self.tag}")
         self.base = Path(self.base)
         self.node_names = [f"node{i}" for i in range(1, self.nodes + 1)]
+        suffix = str(self.tag) if self.tag else ""
+        self.bridge = f"fcpbr{self.tag}"
+        self.ns_prefix = f"fcp{suffix}-"
+        self.veth_prefix = f"fcpv{suffix}-"
+        self.subnet = f"10.79.{self.tag}"
+        self.root_ip, self.head_ip, self.login_ip = f"{self.subnet}.254", f"{self.subnet}.1", f"{self.subnet}.2"
+
+    def node_ip(self, index: int) -> str:
+        return f"{self.subnet}.{10 + index}"
 
     # ------------------------------------------------------------------ paths
     @property
@@ -118,7 +123,8 @@ class NamespaceCluster:
         return self.base / "munge"
 
     def namespaces(self) -> list[str]:
-        return [f"{NS_PREFIX}head", f"{NS_PREFIX}login"] + [f"{NS_PREFIX}n{i}" for i in range(1, self.nodes + 1)]
+        nodes = [f"{self.ns_prefix}n{i}" for i in range(1, self.nodes + 1)]
+        return [f"{self.ns_prefix}head", f"{self.ns_prefix}login", *nodes]
 
     def env(self, base_env: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for a Slurm client of this cluster (and for MPI across its nodes).
@@ -133,8 +139,8 @@ class NamespaceCluster:
             OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
             OMPI_MCA_pml="ob1",
             OMPI_MCA_btl="self,vader,tcp",
-            OMPI_MCA_btl_tcp_if_include=f"{SUBNET}.0/24",
-            OMPI_MCA_oob_tcp_if_include=f"{SUBNET}.0/24",
+            OMPI_MCA_btl_tcp_if_include=f"{self.subnet}.0/24",
+            OMPI_MCA_oob_tcp_if_include=f"{self.subnet}.0/24",
             PMIX_MCA_gds="hash",
         )
         for key in list(env):
@@ -146,7 +152,7 @@ class NamespaceCluster:
     def run(self, args: list[str], *, where: str = "login", timeout: float = 120, env: dict | None = None,
             check: bool = True, cwd: str | None = None) -> subprocess.CompletedProcess:
         """Run ``args`` on a host of the cluster: ``login`` (default, the submit host) or a node name."""
-        ns, host = (f"{NS_PREFIX}login", "login") if where == "login" else (self._ns_of(where), where)
+        ns, host = (f"{self.ns_prefix}login", "login") if where == "login" else (self._ns_of(where), where)
         proc = subprocess.run([str(self.in_node), ns, host, *args], capture_output=True, text=True,
                               timeout=timeout, env=self.env(env), cwd=cwd)
         if check and proc.returncode != 0:
@@ -154,13 +160,13 @@ class NamespaceCluster:
         return proc
 
     def popen(self, args: list[str], *, where: str = "login", env: dict | None = None, **kwargs) -> subprocess.Popen:
-        ns, host = (f"{NS_PREFIX}login", "login") if where == "login" else (self._ns_of(where), where)
+        ns, host = (f"{self.ns_prefix}login", "login") if where == "login" else (self._ns_of(where), where)
         return subprocess.Popen([str(self.in_node), ns, host, *args], env=self.env(env), **kwargs)
 
     def _ns_of(self, node: str) -> str:
         if node not in self.node_names:
             raise ValueError(f"unknown node {node!r}; this cluster has {', '.join(self.node_names)}")
-        return f"{NS_PREFIX}n{node.removeprefix('node')}"
+        return f"{self.ns_prefix}n{node.removeprefix('node')}"
 
     def wait_job_done(self, job_id: str, timeout: float = 120) -> None:
         def gone() -> bool:
@@ -224,26 +230,27 @@ class NamespaceCluster:
         _wait(lambda: (d / "munge.socket").is_socket(), 5, "munged's socket")
 
     def _make_network(self) -> None:
-        _sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        _sysctl(f"/proc/sys/net/ipv6/conf/{BRIDGE}/disable_ipv6")
+        _sh("ip", "link", "add", self.bridge, "type", "bridge")
+        _sysctl(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6")
         # The bridge address gives the root namespace a connected route to the subnet, so nothing
         # for the rig's addresses can follow the default route off the machine.
-        _sh("ip", "addr", "add", f"{ROOT_IP}/24", "dev", BRIDGE)
-        _sh("ip", "link", "set", BRIDGE, "up")
-        hosts = ["127.0.0.1 localhost", f"{HEAD_IP} head", f"{LOGIN_IP} login", f"{ROOT_IP} rigroot"]
-        hosts += [f"{node_ip(i)} {name}" for i, name in enumerate(self.node_names, 1)]
+        _sh("ip", "addr", "add", f"{self.root_ip}/24", "dev", self.bridge)
+        _sh("ip", "link", "set", self.bridge, "up")
+        hosts = ["127.0.0.1 localhost", f"{self.head_ip} head", f"{self.login_ip} login", f"{self.root_ip} rigroot"]
+        hosts += [f"{self.node_ip(i)} {name}" for i, name in enumerate(self.node_names, 1)]
         (self.base / "etc" / "hosts").write_text("\n".join(hosts) + "\n")
-        addresses = {f"{NS_PREFIX}head": HEAD_IP, f"{NS_PREFIX}login": LOGIN_IP}
-        addresses.update({f"{NS_PREFIX}n{i}": node_ip(i) for i in range(1, self.nodes + 1)})
+        addresses = {f"{self.ns_prefix}head": self.head_ip, f"{self.ns_prefix}login": self.login_ip}
+        addresses.update({f"{self.ns_prefix}n{i}": self.node_ip(i) for i in range(1, self.nodes + 1)})
         for ns, addr in addresses.items():
-            tag = ns.removeprefix(NS_PREFIX)
-            host_end, node_end = f"fcpv-{tag}", f"fcpp-{tag}"
+            tag = ns.removeprefix(self.ns_prefix)
+            suffix = str(self.tag) if self.tag else ""
+            host_end, node_end = f"{self.veth_prefix}{tag}", f"fcpp{suffix}-{tag}"
             _sh("ip", "netns", "add", ns)
             _sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", node_end)
             _sh("ip", "link", "set", node_end, "netns", ns)
             _sh("ip", "-n", ns, "link", "set", node_end, "name", "eth0")
             _sysctl(f"/proc/sys/net/ipv6/conf/{host_end}/disable_ipv6")
-            _sh("ip", "link", "set", host_end, "master", BRIDGE, "up")
+            _sh("ip", "link", "set", host_end, "master", self.bridge, "up")
             _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
             _sh("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -254,7 +261,7 @@ class NamespaceCluster:
         lines = [
             f"# written by tests/cluster/rig.py: {self.nodes} nodes, one network+UTS namespace each",
             "ClusterName=flowcept-ns",
-            f"SlurmctldHost=head({HEAD_IP})",
+            f"SlurmctldHost=head({self.head_ip})",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_dir / 'munge.socket'}",
@@ -280,7 +287,7 @@ class NamespaceCluster:
             "SlurmctldTimeout=30", "SlurmdTimeout=30", "Waittime=0",
         ]
         for i, name in enumerate(self.node_names, 1):
-            lines.append(f"NodeName={name} NodeAddr={node_ip(i)} NodeHostname={name} CPUs={self.cpus_per_node} "
+            lines.append(f"NodeName={name} NodeAddr={self.node_ip(i)} NodeHostname={name} CPUs={self.cpus_per_node} "
                          f"Boards=1 SocketsPerBoard=1 CoresPerSocket={self.cpus_per_node} ThreadsPerCore=1 "
                          f"RealMemory={self.mem_mb} State=UNKNOWN")
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
@@ -292,9 +299,9 @@ class NamespaceCluster:
 
     def _start_slurm(self) -> None:
         clean = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8"]
-        _sh(str(self.in_node), f"{NS_PREFIX}head", "head", *clean, "slurmctld", "-f", str(self.conf), "-c", "-i")
+        _sh(str(self.in_node), f"{self.ns_prefix}head", "head", *clean, "slurmctld", "-f", str(self.conf), "-c", "-i")
         for i, name in enumerate(self.node_names, 1):
-            _sh(str(self.in_node), f"{NS_PREFIX}n{i}", name, *clean, "slurmd", "-f", str(self.conf), "-N", name)
+            _sh(str(self.in_node), f"{self.ns_prefix}n{i}", name, *clean, "slurmd", "-f", str(self.conf), "-N", name)
 
     def _wait_idle(self) -> None:
         def idle() -> bool:
@@ -325,10 +332,10 @@ class NamespaceCluster:
         if recorded.exists():
             ours |= set(recorded.read_text().split())
         listed = _sh("ip", "netns", "list", check=False).stdout.split("\n")
-        ours |= {line.split()[0] for line in listed if line.startswith(NS_PREFIX)}
+        ours |= {line.split()[0] for line in listed if line.startswith(self.ns_prefix)}
         present = [ns for ns in ours if Path(f"/run/netns/{ns}").exists()]
 
-        if self.conf.exists() and "IS_DOWN" not in self.conf.read_text() and f"{NS_PREFIX}login" in present:
+        if self.conf.exists() and "IS_DOWN" not in self.conf.read_text() and f"{self.ns_prefix}login" in present:
             # cancel jobs while the controller is up, so slurmstepd cleans up after itself
             jobs = self.run(["squeue", "-h", "-o", "%i"], check=False, timeout=10).stdout.split()
             if jobs:
@@ -355,7 +362,7 @@ class NamespaceCluster:
         links = _sh("ip", "-o", "link", "show", check=False).stdout
         for line in links.splitlines():
             name = line.split(": ")[1].split("@")[0] if ": " in line else ""
-            if name.startswith("fcpv-") or name == BRIDGE:
+            if name.startswith(self.veth_prefix) or name == self.bridge:
                 _sh("ip", "link", "del", name, check=False)
         for sub in ("run", "spool", "tmp"):
             shutil.rmtree(self.base / sub, ignore_errors=True)
@@ -396,9 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE)
+    parser.add_argument("--tag", type=int, default=0, help="rig number: several rigs can coexist")
     parser.add_argument("--no-warm-up", action="store_true")
     args = parser.parse_args(argv)
-    cluster = NamespaceCluster(nodes=args.nodes, base=args.base, warm_up=not args.no_warm_up)
+    cluster = NamespaceCluster(nodes=args.nodes, base=args.base, tag=args.tag, warm_up=not args.no_warm_up)
     if args.action == "down":
         cluster.down()
         print("cluster down")

@@ -18,6 +18,7 @@ when no live writer holds its lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import logging
@@ -383,43 +384,262 @@ def _file_blocks(path: str, report: MergeReport) -> Iterator[Tuple[bytes, int]]:
             report.bad_lines.append((path, line_number))  # torn last line of a killed writer
 
 
+_SCAN_BYTES = 8 * 1024 * 1024
+_MAX_SPANS = 4096  # more alternations of clean and other lines than this: the rest counts as other
+_TASK_HEAD = b'{"type":"task","task_id":"'
+_TELEMETRY_HEAD = b'{"type":"telemetry","telemetry_id":"'
+_HEADS = re.compile(rb'\n\{"type":"(?:task|telemetry)","(?:task|telemetry)_id":"([0-9a-f]{16})\.')
+_ANY_STD_ID = re.compile(rb'([0-9a-f]{16})\.[0-9]')
+
+
+def _clean_lines(wf_quoted: bytes, prefixes: Iterable[bytes] = ()) -> re.Pattern:
+    """A run of our own canonical task/telemetry lines of exactly this workflow.
+
+    Possessive (no backtracking); ids of the given process prefixes (any when none are given).
+    """
+    ids = b"(?:" + b"|".join(prefixes) + b")" if prefixes else rb"[0-9a-f]{16}"
+    return re.compile(rb'(?:\{"type":"(?:task","task_id|telemetry","telemetry_id)":"' + ids + rb'\.[0-9]{1,15}",'
+                      rb'"workflow_id":' + re.escape(wf_quoted) + rb'[,}][^\n]*+\n)*+')
+
+
+class _CleanLines:
+    """The patterns of one merge, cached.
+
+    Clean lines of the prefixes a source is known to hold (one regex pass finds the run and
+    proves which prefixes it holds), plus one for a line of any prefix.
+    """
+
+    _MAX_PREFIXES = 64  # beyond this, one pattern for any prefix and a findall for the prefixes
+
+    def __init__(self, wf_quoted: bytes):
+        self.wf_quoted = wf_quoted
+        self.any = _clean_lines(wf_quoted)
+        self.cache: Dict[frozenset, re.Pattern] = {}
+
+    def known(self, prefixes: set) -> Optional[re.Pattern]:
+        if not prefixes or len(prefixes) > self._MAX_PREFIXES:
+            return None
+        key = frozenset(prefixes)
+        pattern = self.cache.get(key)
+        if pattern is None:
+            if len(self.cache) > 256:
+                self.cache.clear()
+            pattern = self.cache[key] = _clean_lines(self.wf_quoted, sorted(key))
+        return pattern
+
+
+def _count_lines(buf: Any, start: int, end: int) -> int:
+    try:
+        import numpy as np
+    except ModuleNotFoundError:
+        return buf.count(b"\n", start, end)
+    return int(np.count_nonzero(np.frombuffer(buf, np.uint8, end - start, start) == 10))
+
+
+@dataclass
+class _Span:
+    """A byte range of a source: ``clean`` when every line is a canonical record of the workflow."""
+
+    start: int
+    end: int
+    first_line: int
+    lines: int
+    clean: bool
+    tail: bool = False  # the last bytes of a file without a newline (a torn line, or one being written)
+
+
+@dataclass
+class _SourceScan:
+    """What the first pass learnt about one source: its spans and the id prefixes it may hold."""
+
+    path: str
+    spans: List[_Span] = field(default_factory=list)
+    prefixes: set = field(default_factory=set)
+    opaque: bool = False  # an HDF5 source: read as a whole, deduplicated
+    exclusive: bool = False
+
+    def add(self, start: int, end: int, first_line: int, lines: int, clean: bool) -> None:
+        last = self.spans[-1] if self.spans else None
+        if last is not None and last.end == start and (last.clean == clean or len(self.spans) >= _MAX_SPANS):
+            last.end, last.lines, last.clean = end, last.lines + lines, last.clean and clean
+        else:
+            self.spans.append(_Span(start, end, first_line, lines, clean))
+
+
+def _scan_block(scan: _SourceScan, buf: bytearray, cut: int, base: int, line: int, patterns: _CleanLines) -> int:
+    """Split ``buf[:cut]`` (whole lines) into clean and other spans; returns the number of lines."""
+    pos = 0
+    total = 0
+    while pos < cut:
+        known = patterns.known(scan.prefixes)
+        end = known.match(buf, pos, cut).end() if known is not None else pos  # type: ignore[union-attr]
+        if end == pos:  # a clean line of a prefix not seen yet in this source, or another line
+            head = _TASK_HEAD if buf.startswith(_TASK_HEAD, pos) else _TELEMETRY_HEAD
+            prefix = bytes(buf[pos + len(head):pos + len(head) + 16])
+            line_end = buf.find(b"\n", pos, cut) + 1
+            if patterns.any.match(buf, pos, line_end).end() == line_end:
+                if known is None and scan.prefixes:  # very many prefixes: any prefix, then findall
+                    end = patterns.any.match(buf, pos, cut).end()  # type: ignore[union-attr]
+                    scan.prefixes.update(_HEADS.findall(buf, pos, end))
+                scan.prefixes.add(prefix)
+                end = max(end, line_end)
+        if end > pos:
+            lines = _count_lines(buf, pos, end)
+            scan.add(base + pos, base + end, line + total, lines, True)
+            total += lines
+            pos = end
+            continue
+        # A line of another shape: any id in it that looks like ours counts as held here.
+        end = buf.find(b"\n", pos, cut) + 1
+        scan.prefixes.update(_ANY_STD_ID.findall(buf, pos, end))
+        scan.add(base + pos, base + end, line + total, 1, False)
+        total += 1
+        pos = end
+    return total
+
+
+def _scan_source(path: str, patterns: _CleanLines, buf: bytearray) -> _SourceScan:
+    """First pass over one source: its spans and the id prefixes it holds.
+
+    Clean spans are copied as they are when no other source can hold their records; other
+    lines are parsed one by one.
+    """
+    scan = _SourceScan(path)
+    if path.endswith((".h5", ".hdf5")):
+        scan.opaque = True
+        return scan
+    view = memoryview(buf)
+    base = filled = 0
+    line = 1
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            while True:
+                if filled == len(buf):  # a line longer than the buffer
+                    view.release()
+                    buf.extend(bytes(len(buf)))
+                    view = memoryview(buf)
+                read = handle.readinto(view[filled:])
+                if not read:
+                    break
+                filled += read
+                cut = buf.rfind(b"\n", 0, filled) + 1
+                if cut == 0:
+                    continue
+                line += _scan_block(scan, buf, cut, base, line, patterns)
+                buf[:filled - cut] = view[cut:filled]
+                base += cut
+                filled -= cut
+    finally:
+        view.release()
+    if filled:
+        scan.spans.append(_Span(base, base + filled, line, 1, False, tail=True))
+    return scan
+
+
+def _range_blocks(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """Blocks of whole lines of ``fd`` between two line boundaries, read with pread."""
+    rest = b""
+    offset = start
+    while offset < end:
+        data = os.pread(fd, min(_BLOCK_BYTES, end - offset), offset)
+        if not data:
+            break  # the file shrank under us
+        offset += len(data)
+        data = rest + data if rest else data
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            rest = data
+            continue
+        rest = data[cut:]
+        yield data[:cut] if rest else data
+    if rest:
+        yield rest
+
+
 class _Merger:
     """The state of one merge: ids seen, workflow records, counters. Streams blocks of lines."""
 
-    def __init__(self, workflow_id: str, report: MergeReport, progress: Optional[Callable[[int], None]],
-                 dedup: bool = True):
+    def __init__(self, workflow_id: str, report: MergeReport, progress: Optional[Callable[[int], None]]):
         self.workflow_id = workflow_id
-        # One source holds each record once (one writer appends each batch once), so a
-        # single-file merge (every plain run's stop()) skips duplicate tracking entirely.
-        self.dedup = dedup
         self.wf_quoted = orjson.dumps(workflow_id)
         self.wf_field = b'"workflow_id":' + self.wf_quoted
         self.report = report
         self.progress = progress
-        self.seen = SeenIds() if dedup else None
+        self.seen = SeenIds()
         self.workflows: List[dict] = []
 
-    def blocks(self, sources: List[str]) -> Iterator[Tuple[bytes, int, Optional[List[Optional[dict]]]]]:
-        """Yield (lines joined with newlines, count, parsed records or None) of distinct records."""
-        for path in sources:
+    def blocks(self, sources: List[str], copy_ok: bool = False) -> Iterator[Tuple[Any, ...]]:
+        """Yield (lines joined with newlines, count, parsed records or None) of distinct records.
+
+        Two passes. The first (:func:`_scan_source`) finds, per source, the spans of canonical
+        lines of this workflow and the id prefixes the source holds. Ids are a per-process random
+        prefix and a counter, and one writer appends each record to one source once, so a record
+        can only be a duplicate if its prefix is held by two sources (a batch spilled to the
+        process's file after the node daemon wrote it, an earlier output merged again). The
+        second pass therefore copies the clean spans of a source whose prefixes no other source
+        holds as they are (with ``copy_ok``: ("copy", fd, start, end, lines) items the JSONL
+        writer hands to the kernel), and deduplicates everything else.
+        """
+        patterns = _CleanLines(self.wf_quoted)
+        buf = bytearray(_SCAN_BYTES)
+        scans = [_scan_source(path, patterns, buf) for path in sources if os.path.exists(path)]
+        holders: Dict[bytes, int] = {}
+        for scan in scans:
+            for prefix in scan.prefixes:
+                holders[prefix] = holders.get(prefix, 0) + 1
+        opaque = any(scan.opaque for scan in scans)
+        for scan in scans:
+            scan.exclusive = not opaque and all(holders[prefix] == 1 for prefix in scan.prefixes)
+        for scan in scans:
             try:
-                for block, first_line in _file_blocks(path, self.report):
-                    if self.progress is not None:
-                        self.progress(len(block))
-                    yield from self._block(path, block, first_line)
+                if scan.opaque:
+                    for block, first_line in _file_blocks(scan.path, self.report):
+                        if self.progress is not None:
+                            self.progress(len(block))
+                        yield from self._block(scan.path, block, first_line)
+                    continue
+                yield from self._scanned(scan, copy_ok)
             except FileNotFoundError:
-                logger.warning("source %s vanished during consolidation", path)
+                logger.warning("source %s vanished during consolidation", scan.path)
         if self.workflows:
             yield orjson.dumps(merge_workflow_records(self.workflows)) + b"\n", 1, None
+
+    def _scanned(self, scan: _SourceScan, copy_ok: bool) -> Iterator[Tuple[Any, ...]]:
+        fd = os.open(scan.path, os.O_RDONLY)
+        try:
+            for span in scan.spans:
+                if self.progress is not None:
+                    self.progress(span.end - span.start)
+                if span.tail:
+                    rest = os.pread(fd, span.end - span.start, span.start)
+                    if not rest.strip():
+                        continue
+                    if _parses(rest):
+                        yield from self._slow_block(scan.path, rest + b"\n", span.first_line)
+                    else:
+                        self.report.bad_lines.append((scan.path, span.first_line))  # torn by a kill
+                    continue
+                if span.clean and scan.exclusive:
+                    self.report.records_in += span.lines
+                    if copy_ok:
+                        yield ("copy", fd, span.start, span.end, span.lines)
+                    else:
+                        for block in _range_blocks(fd, span.start, span.end):
+                            yield block, block.count(b"\n"), None
+                    continue
+                line = span.first_line
+                for block in _range_blocks(fd, span.start, span.end):
+                    if span.clean:
+                        yield from self._block(scan.path, block, line)
+                    else:
+                        yield from self._slow_block(scan.path, block, line)
+                    line += block.count(b"\n")
+        finally:
+            os.close(fd)
 
     def _block(self, path: str, block: bytes, first_line: int
                ) -> Iterator[Tuple[bytes, int, Optional[List[Optional[dict]]]]]:
         lines = block.count(b"\n")
-        if (not self.dedup and block.count(self.wf_field) == lines == block.count(b'"workflow_id":')
-                and b'{"type":"workflow"' not in block):
-            self.report.records_in += lines  # every line is a record of this workflow: copy as is
-            yield block, lines, None
-            return
         first = _FAST_FIRST.match(block)
         matches = _FAST_NEXT.findall(block) if first is not None else []
         if first is not None:
@@ -562,7 +782,7 @@ def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", 
                 and _merge_in_place(sources[0], output, workflow_id, workflow_update, report)):
             report.elapsed_s = time.perf_counter() - began
             return report
-        merger = _Merger(workflow_id, report, progress, dedup=len(sources) > 1)
+        merger = _Merger(workflow_id, report, progress)
         if workflow_update:
             merger.workflows.append(dict(workflow_update))
         if output_format == "hdf5":
@@ -573,10 +793,10 @@ def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", 
                 merged = _ordered(merged)
             report.records_out = write_hdf5(output, merged, workflow_id=workflow_id)
         elif order_by_time:
-            report.records_out = _write_jsonl(output, ((line + b"\n", 1) for line, _ in
+            report.records_out = _write_jsonl(output, ((line + b"\n", 1, None) for line, _ in
                                                        _ordered(_lines(merger.blocks(sources)))))
         else:
-            report.records_out = _write_jsonl(output, ((block, n) for block, n, _ in merger.blocks(sources)))
+            report.records_out = _write_jsonl(output, merger.blocks(sources, copy_ok=True))
         if cleanup_files:
             for path in sources:
                 if path in (output, jsonl_output):
@@ -622,16 +842,31 @@ def _ordered(merged: Iterator[Tuple[bytes, Optional[dict]]]) -> Iterator[Tuple[b
         yield line, record
 
 
-def _write_jsonl(output: str, blocks: Iterable[Tuple[bytes, int]]) -> int:
-    """Write newline-terminated blocks to a temporary file, fsync, rename; returns the line count."""
+def _write_jsonl(output: str, blocks: Iterable[Tuple[Any, ...]]) -> int:
+    """Write blocks to a temporary file, fsync, rename; returns the line count.
+
+    Items are (newline-terminated block, lines, ...) or ("copy", fd, start, end, lines): a range
+    of a source the kernel copies.
+    """
     tmp = f"{output}.{os.getpid()}.tmp"
     count = 0
     try:
-        with open(tmp, "wb", buffering=0) as handle:
-            for block, lines in blocks:
-                handle.write(block)
-                count += lines
-            os.fsync(handle.fileno())
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            for item in blocks:
+                if item[0] == "copy":
+                    _, fd, start, end, lines = item
+                    _copy_range(fd, out, start, end)
+                    count += lines
+                else:
+                    block, lines = item[0], item[1]
+                    view = memoryview(block)
+                    while view:
+                        view = view[os.write(out, view):]
+                    count += lines
+            os.fsync(out)
+        finally:
+            os.close(out)
         os.replace(tmp, output)
     except BaseException:
         try:
@@ -640,3 +875,34 @@ def _write_jsonl(output: str, blocks: Iterable[Tuple[bytes, int]]) -> int:
             pass
         raise
     return count
+
+
+def _copy_range(src: int, out: int, start: int, end: int) -> None:
+    """Append ``src[start:end]`` to ``out`` in the kernel (copy_file_range, else sendfile, else pread)."""
+    offset = start
+    for method in ("copy_file_range", "sendfile"):
+        call = getattr(os, method, None)
+        if call is None:
+            continue
+        try:
+            while offset < end:
+                if method == "copy_file_range":
+                    done = call(src, out, end - offset, offset)
+                else:
+                    done = call(out, src, offset, end - offset)
+                if done <= 0:
+                    break
+                offset += done
+            if offset >= end:
+                return
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+    while offset < end:
+        data = os.pread(src, min(_BLOCK_BYTES, end - offset), offset)
+        if not data:
+            raise OSError(errno.EIO, f"source shrank during consolidation (at byte {offset})")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(out, view):]
+        offset += len(data)

@@ -2,11 +2,14 @@
 
 Thread contract: the poll loop (:meth:`DaemonServer.serve`, main thread) owns every socket; the
 writer thread owns every sink. Each loop turn drains up to ``_MAX_MESSAGES`` messages (or
-``_MAX_TURN_BYTES``), validates them with :mod:`flowcept.protocol` and hands the accepted batches
-of the turn to the writer, which writes each (base path, workflow) with one ``writev`` and hands
-the acknowledgements back through a deque and the wake pipe; the loop sends them. So receiving
-and validating overlap with disk writes, and an acknowledged record is in the kernel's hands: a
-killed daemon loses nothing a client dropped. The writer's backlog is bounded
+``_MAX_TURN_BYTES``) as zero-copy frames, validates the header and the payload's framing in bulk
+with :mod:`flowcept.protocol` (records are not parsed unless ``--strict``), and hands the accepted
+batches to the writer every ``_SUBMIT_BYTES``. The writer writes each (base path, workflow) with
+one ``writev`` straight from the received buffers (the GIL is released during the write) and
+hands the acknowledgements back through a deque and the wake pipe; the loop sends them, one
+cumulative ack per client per hand-over. So receiving and validating overlap with disk writes,
+and an acknowledged record is in the kernel's hands: a killed daemon loses nothing a client
+dropped. The writer's backlog is bounded
 (``_MAX_WRITE_BACKLOG_BYTES``): past it the loop stops reading and ZeroMQ's high-water marks push
 back on the clients. The Prometheus endpoint (another thread) only reads counters. Bad frames are
 rejected, counted by reason, and (when they carry a sequence number) refused with a ``nack`` so
@@ -43,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_MESSAGES = 2000
 _MAX_TURN_BYTES = 128 * 1024 * 1024
+_SUBMIT_BYTES = 4 * 1024 * 1024  # hand accepted batches to the writer at least this often
 _HOUSEKEEPING_S = 1.0
 _RCVHWM = 10000
 _SNDHWM = 10000
@@ -339,31 +343,41 @@ class DaemonServer:
             pass
 
     def _receive(self, sock: Any) -> None:
-        """Drain a turn's worth of messages, write accepted batches together, then acknowledge."""
+        """Drain a turn's worth of messages; hand accepted batches to the writer every few MB.
+
+        Frames arrive zero-copy (``copy=False``): a payload stays in ZeroMQ's buffer until the
+        writer has written it. Only the small identity and header frames become ``bytes``.
+        Handing over every ``_SUBMIT_BYTES`` (not once per turn) lets the writer write while
+        this thread still receives, and acknowledgements go out as soon as they are written.
+        """
         index = self._sockets.index(sock)
         counters = self.counters
+        clients = self.clients
         max_bytes = self.config.max_message_bytes
         strict = self.config.strict
+        decode = protocol.decode
+        recv = sock.recv_multipart
         groups: Dict[Tuple[str, Optional[str]], List[Any]] = {}
         acks: Dict[bytes, List[Tuple[int, Tuple[str, Optional[str]], int, Client]]] = {}
         turn_bytes = 0
+        pending_bytes = 0
         for _ in range(_MAX_MESSAGES):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            identity, body = frames[0], frames[1:]
+            identity, body = frames[0].bytes, frames[1:]
             size = sum(len(frame) for frame in body)
             counters.messages += 1
             counters.bytes += size
             turn_bytes += size
             try:
-                message = protocol.decode(body, max_bytes, strict=strict)
+                message = decode(body, max_bytes, strict=strict)
             except protocol.ProtocolError as error:
                 self._reject(sock, identity, body, error.reason)
                 continue
             kind = message.kind
-            client = self.clients.get((index, identity))
+            client = clients.get((index, identity))
             if kind == "batch":
                 header = message.header
                 if client is None or client.state != "connected":
@@ -379,6 +393,13 @@ class DaemonServer:
                 counters.received += count
                 client.records += count
                 acks.setdefault(identity, []).append((header["s"], key, count, client))
+                pending_bytes += size
+                if pending_bytes >= _SUBMIT_BYTES:
+                    self._submit(("write", groups, acks, sock, False))
+                    groups, acks, pending_bytes = {}, {}, 0
+                    if self._written_acks:
+                        self._send_acks()
+                    self._wait_backlog()
             elif kind == "hello":
                 self._register(index, identity, message.header)
             elif kind == "bye":
@@ -464,7 +485,7 @@ class DaemonServer:
                 if write_lines is not None:
                     write_lines(b"".join(payloads), count)
                 else:
-                    sink.write([orjson.loads(line) for p in payloads for line in p.splitlines()])
+                    sink.write([orjson.loads(line) for p in payloads for line in bytes(p).splitlines()])
         except Exception as error:
             reason = "disk full" if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else error
             logger.error("daemon could not write %d records of workflow %s: %s", count, key[1], reason)
@@ -499,7 +520,7 @@ class DaemonServer:
         counters.rejected_by_reason[reason] = counters.rejected_by_reason.get(reason, 0) + 1
         if seq is None and body and len(body[0]) < 4096:
             try:  # tell a genuine client which batch to keep; garbage gets no answer
-                header = orjson.loads(body[0])
+                header = orjson.loads(bytes(body[0]))
                 if isinstance(header, dict) and header.get("k") == "batch" and type(header.get("s")) is int:
                     seq = header["s"]
             except orjson.JSONDecodeError:

@@ -11,9 +11,11 @@ sequence number up to ``s`` is handled), ``nack`` (batch ``s`` was not written: 
 ``pong`` and ``status``. :func:`decode` rejects malformed, unknown-version, unknown-kind and
 oversized messages with :class:`ProtocolError`, whose ``reason`` the daemon counts.
 
-Payload checks are structural and run at memchr speed (the payload starts with ``{``, ends with
-``}\n`` and holds exactly ``n`` newlines); ``strict=True`` also parses every line. Lines a
-structural check lets through but JSON cannot parse are skipped and reported by consolidation.
+Payload checks are structural, in bulk (the payload starts with ``{``, ends with ``}\n`` and
+holds exactly ``n`` newlines, counted by :func:`count_lines`); ``strict=True`` also parses every
+line. Lines a structural check lets through but JSON cannot parse are skipped and reported by
+consolidation. Frames may be ``bytes`` or any buffer (the daemon receives zero-copy ZeroMQ
+frames): a batch's payload is never copied here.
 
 This module also names the per-user, per-job runtime directory where the daemon's ``ipc://``
 socket and ready file live (both ends and the launcher compute it the same way).
@@ -54,7 +56,7 @@ class Message:
 
     kind: str
     header: Dict[str, Any]
-    payload: bytes = b""
+    payload: Any = b""  # bytes, or the received buffer (a zero-copy ZeroMQ frame) as given
 
 
 # -- encoding -------------------------------------------------------------------------------------
@@ -112,15 +114,20 @@ def encode_status(status: Mapping[str, Any]) -> List[bytes]:
 
 # -- decoding -------------------------------------------------------------------------------------
 
-def decode(frames: Sequence[bytes], max_bytes: int, kinds: frozenset = CLIENT_KINDS,
+def decode(frames: Sequence[Any], max_bytes: int, kinds: frozenset = CLIENT_KINDS,
            strict: bool = False) -> Message:
-    """Decode and validate one message; raise :class:`ProtocolError` for anything off."""
+    """Decode and validate one message; raise :class:`ProtocolError` for anything off.
+
+    Frames are ``bytes`` or buffers; the payload is returned as given (no copy).
+    """
     if not frames or len(frames) > 2:
         raise ProtocolError("malformed", f"{len(frames)} frames")
     size = sum(len(frame) for frame in frames)
     if size > max_bytes:
         raise ProtocolError("oversize", f"{size} bytes > {max_bytes}")
     raw = frames[0]
+    if type(raw) is not bytes:
+        raw = bytes(raw)  # a header is small
     if not raw.startswith(b"{"):
         raise ProtocolError("malformed", "header is not a JSON object")
     try:
@@ -134,7 +141,7 @@ def decode(frames: Sequence[bytes], max_bytes: int, kinds: frozenset = CLIENT_KI
     kind = header.get("k")
     if kind not in kinds:
         raise ProtocolError("kind", f"kind {kind!r}")
-    payload = bytes(frames[1]) if len(frames) == 2 else b""
+    payload = frames[1] if len(frames) == 2 else b""
     if kind == "batch":
         seq, count, workflow_id = header.get("s"), header.get("n"), header.get("w")
         if type(seq) is not int or type(count) is not int or count < 1:
@@ -148,14 +155,53 @@ def decode(frames: Sequence[bytes], max_bytes: int, kinds: frozenset = CLIENT_KI
     return Message(kind, header, payload)
 
 
-def check_payload(payload: bytes, count: int, strict: bool = False) -> bool:
+_NUMPY: Any = None
+_NUMPY_MIN_BYTES = 16384  # below this bytes.count beats numpy's call overhead
+_COUNT_CHUNK = 1 << 20  # numpy's temporary is at most this many bytes
+
+
+def count_lines(payload: Any) -> int:
+    """Newlines in a bytes-like payload, without copying it.
+
+    ``bytes.count`` scans one byte at a time (~3.7 GB/s here, 77 us for 1000 records of 280
+    bytes); numpy's vectorised compare is ~5x faster and reads any buffer (a zero-copy ZeroMQ
+    frame) in place, so large payloads use it when numpy is installed (imported on first use).
+    """
+    global _NUMPY
+    size = len(payload)
+    if size >= _NUMPY_MIN_BYTES and _NUMPY is not False:
+        if _NUMPY is None:
+            try:
+                import numpy
+
+                _NUMPY = numpy
+            except ImportError:
+                _NUMPY = False
+        if _NUMPY is not False:
+            data = _NUMPY.frombuffer(payload, dtype=_NUMPY.uint8)
+            total = 0
+            for start in range(0, size, _COUNT_CHUNK):
+                total += int(_NUMPY.count_nonzero(data[start:start + _COUNT_CHUNK] == 10))
+            return total
+    if type(payload) is not bytes:
+        payload = bytes(payload)
+    return payload.count(b"\n")
+
+
+def check_payload(payload: Any, count: int, strict: bool = False) -> bool:
     """True when ``payload`` is ``count`` newline-terminated lines from ``{`` to ``}`` (one scan)."""
-    if payload[:1] != b"{" or payload[-2:] != b"}\n" or payload.count(b"\n") != count:
+    size = len(payload)
+    if size < 3:
+        return False
+    view = payload if type(payload) is bytes else memoryview(payload)
+    if view[0] != 0x7B or view[size - 2] != 0x7D or view[size - 1] != 0x0A:  # "{" ... "}\n"
+        return False
+    if count_lines(view) != count:
         return False
     if strict:
         loads = orjson.loads
         try:
-            for line in payload.split(b"\n")[:-1]:
+            for line in bytes(view).split(b"\n")[:-1]:
                 if not isinstance(loads(line), dict):
                     return False
         except orjson.JSONDecodeError:

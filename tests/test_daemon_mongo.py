@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Callable, Iterator, List
 
 import pytest
 from conftest import app_env, wait_for
@@ -73,33 +73,55 @@ class DaemonProcess:
 
 
 @pytest.fixture
-def mongo_daemon(mongo_env: Dict[str, str], tmp_path: Path) -> Iterator[DaemonProcess]:
+def start_mongo_daemon(tmp_path: Path) -> Iterator[Callable[[], DaemonProcess]]:
+    """Start a daemon writing JSONL and MongoDB (settings from this test's FLOWCEPT_* variables)."""
     from flowcept import protocol
 
-    directory = tmp_path / "rt"
-    directory.mkdir()
-    log = tmp_path / "daemon.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "flowcept.daemon", "--runtime-dir", str(directory),
-                                    "--no-gpu", "--telemetry-interval", "0.2", "--sinks", "jsonl,mongodb",
-                                    "--log-level", "info"], stdout=out, stderr=out, env=app_env())
-    daemon = DaemonProcess(directory, process, log)
+    started: List[DaemonProcess] = []
 
-    def ready() -> bool:
-        record = protocol.read_ready(str(directory))
-        if record and record.get("pid") == process.pid:
-            daemon.address = record["address"]
-            return True
-        assert process.poll() is None, f"daemon exited early:\n{daemon.output()}"
-        return False
+    def start() -> DaemonProcess:
+        directory = tmp_path / f"rt{len(started)}"
+        directory.mkdir()
+        log = tmp_path / f"daemon{len(started)}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen([sys.executable, "-m", "flowcept.daemon", "--runtime-dir", str(directory),
+                                        "--no-gpu", "--telemetry-interval", "0.2", "--sinks", "jsonl,mongodb",
+                                        "--log-level", "info"], stdout=out, stderr=out, env=app_env())
+        daemon = DaemonProcess(directory, process, log)
+        started.append(daemon)
 
-    try:
+        def ready() -> bool:
+            record = protocol.read_ready(str(directory))
+            if record and record.get("pid") == process.pid:
+                daemon.address = record["address"]
+                return True
+            assert process.poll() is None, f"daemon exited early:\n{daemon.output()}"
+            return False
+
         wait_for(ready, 30, "the daemon's ready file")
-        yield daemon
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+        daemon.process.wait(timeout=10)
+
+
+def start_job(daemon: DaemonProcess, tmp_path: Path, workflow_id: str, n: int, pause_at: int) -> subprocess.Popen:
+    """``mpirun -np 2`` of RANK_APP, wired to the daemon."""
+    app = tmp_path / "rank_app.py"
+    app.write_text(RANK_APP)
+    env = dict(MPI_ENV, FLOWCEPT_DAEMON_ADDRESS=daemon.address, FLOWCEPT_DAEMON_ACK_TIMEOUT_S="2")
+    return subprocess.Popen(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable,
+                             str(app), workflow_id, str(n), str(pause_at), str(tmp_path)],
+                            env=app_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_paused(job: subprocess.Popen, tmp_path: Path) -> None:
+    wait_for(lambda: all((tmp_path / f"paused.{r}").exists() for r in (0, 1)) or job.poll() is not None,
+             60, "both ranks to reach the pause")
+    assert job.poll() is None, job.communicate()[0].decode()[-3000:]
 
 
 def _numbered(db, workflow_id: str) -> List[dict]:
@@ -107,21 +129,30 @@ def _numbered(db, workflow_id: str) -> List[dict]:
                          projection=["task_id", "status", "used", "generated"])
 
 
-def test_daemon_streams_a_two_rank_job_live_and_each_task_once(mongo_daemon, mongo_env, tmp_path):
+def check_each_task_once(db, workflow_id: str, n: int) -> None:
+    """Every numbered task of both ranks once, finished; start and end records one document."""
+    tasks = _numbered(db, workflow_id)
+    assert len(tasks) == 2 * n and len({t["task_id"] for t in tasks}) == 2 * n
+    assert sorted((t["used"]["rank"], t["used"]["i"]) for t in tasks) == [(r, i) for r in (0, 1)
+                                                                          for i in range(n)]
+    assert {t["status"] for t in tasks} == {"FINISHED"}
+    assert all(t["generated"]["twice"] == 2 * t["used"]["i"] for t in tasks)
+    [workflow] = db.workflow_query({"workflow_id": workflow_id})  # start and end: one document
+    assert workflow["name"] == "mongo-live" and workflow["status"] == "FINISHED"
+    assert workflow["started_at"] <= workflow["ended_at"]
+    raw = db.query({"workflow_id": workflow_id}, collection="workflows")
+    assert len(raw) == 1
+
+
+def test_daemon_streams_a_two_rank_job_live_and_each_task_once(start_mongo_daemon, mongo_env, tmp_path):
     from flowcept.flowcept_api.db_api import DBAPI
 
     workflow_id, n, pause_at = "wf-mongo-live", 300, 200
-    app = tmp_path / "rank_app.py"
-    app.write_text(RANK_APP)
-    env = dict(MPI_ENV, FLOWCEPT_DAEMON_ADDRESS=mongo_daemon.address, FLOWCEPT_DAEMON_ACK_TIMEOUT_S="2")
-    job = subprocess.Popen(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable,
-                            str(app), workflow_id, str(n), str(pause_at), str(tmp_path)],
-                           env=app_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    mongo_daemon = start_mongo_daemon()
+    job = start_job(mongo_daemon, tmp_path, workflow_id, n, pause_at)
     db = DBAPI()
     try:
-        wait_for(lambda: all((tmp_path / f"paused.{r}").exists() for r in (0, 1)) or job.poll() is not None,
-                 60, "both ranks to reach the pause")
-        assert job.poll() is None, job.communicate()[0].decode()[-3000:]
+        wait_paused(job, tmp_path)
 
         # The job is still running (both ranks wait for us): the tasks must already be in MongoDB.
         def live_tasks_visible() -> bool:
@@ -148,20 +179,7 @@ def test_daemon_streams_a_two_rank_job_live_and_each_task_once(mongo_daemon, mon
     mongo_daemon.process.send_signal(signal.SIGTERM)  # close() flushes the sink: nothing more may appear
     assert mongo_daemon.process.wait(timeout=30) == 0, mongo_daemon.output()[-3000:]
 
-    def check_each_task_once() -> None:
-        tasks = _numbered(db, workflow_id)
-        assert len(tasks) == 2 * n and len({t["task_id"] for t in tasks}) == 2 * n
-        assert sorted((t["used"]["rank"], t["used"]["i"]) for t in tasks) == [(r, i) for r in (0, 1)
-                                                                              for i in range(n)]
-        assert {t["status"] for t in tasks} == {"FINISHED"}
-        assert all(t["generated"]["twice"] == 2 * t["used"]["i"] for t in tasks)
-        [workflow] = db.workflow_query({"workflow_id": workflow_id})  # start and end: one document
-        assert workflow["name"] == "mongo-live" and workflow["status"] == "FINISHED"
-        assert workflow["started_at"] <= workflow["ended_at"]
-        raw = db.query({"workflow_id": workflow_id}, collection="workflows")
-        assert len(raw) == 1
-
-    check_each_task_once()
+    check_each_task_once(db, workflow_id, n)
     series = db.telemetry_timeseries({"workflow_id": workflow_id}, fields=["hostname"])
     assert series["timestamp"], "the daemon's node telemetry reached MongoDB"
 
@@ -172,8 +190,41 @@ def test_daemon_streams_a_two_rank_job_live_and_each_task_once(mongo_daemon, mon
 
     base = load_settings()["project.dump_buffer.path"]
     assert load_workflow(base, workflow_id) >= 2 * n
-    check_each_task_once()
+    check_each_task_once(db, workflow_id, n)
     db.close()
     from flowcept.mongo_spool import Spool
 
     assert Spool(mongo_env["FLOWCEPT_DATABASES_MONGODB_SPOOL_DIR"], 1 << 20).is_empty()  # nothing left behind
+
+
+def test_server_stopped_mid_job_then_restarted_loses_and_doubles_nothing(
+        start_mongo_daemon, persistent_server, tmp_path, monkeypatch):
+    from flowcept.flowcept_api.db_api import DBAPI
+
+    spool = tmp_path / "spool"
+    for name, value in {"ENABLED": "true", "URI": persistent_server.uri, "DB": "outage", "TIMEOUT_S": "0.5",
+                        "SPOOL_DIR": str(spool)}.items():
+        monkeypatch.setenv(f"FLOWCEPT_DATABASES_MONGODB_{name}", value)
+    workflow_id, n, pause_at = "wf-mongo-outage", 300, 100
+    daemon = start_mongo_daemon()
+    job = start_job(daemon, tmp_path, workflow_id, n, pause_at)
+    db = DBAPI()
+    try:
+        wait_paused(job, tmp_path)
+        wait_for(lambda: len(_numbered(db, workflow_id)) >= 2 * pause_at, 30, "the first tasks in MongoDB")
+        db.close()
+        persistent_server.stop()  # the database goes away mid-job
+    finally:
+        (tmp_path / "resume").touch()
+        output = job.communicate(timeout=90)[0].decode()
+    assert job.returncode == 0, output[-3000:]  # the job ran on (bounded by the spool, not the database)
+    from flowcept.mongo_spool import Spool
+
+    wait_for(lambda: not Spool(str(spool), 1 << 30).is_empty(), 30, "the daemon to spool during the outage")
+    persistent_server.start()
+    wait_for(lambda: len(_numbered(db, workflow_id)) >= 2 * n and Spool(str(spool), 1 << 30).is_empty(), 60,
+             "the spool replayed into the restarted server")
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=30) == 0, daemon.output()[-3000:]
+    check_each_task_once(db, workflow_id, n)
+    db.close()

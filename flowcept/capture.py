@@ -3,6 +3,10 @@
 The controller (``Flowcept.start``/``stop``) replaces ``state`` wholesale; capture code reads
 one module global and a few attributes, nothing else. The parent task is a ``ContextVar`` so
 threads and asyncio tasks each see their own.
+
+A published state also carries the run's constant task fields (campaign id, placement)
+already serialised (``suffix``), so capture serialises only what varies per task
+and the pipeline splices the two (``splice``, see ``Pipeline.append_parts``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ class RunState:
     """A snapshot of the active run; immutable once published."""
 
     __slots__ = ("capturing", "workflow_id", "campaign_id", "workflow_name", "append", "base",
-                 "telemetry", "settings")
+                 "telemetry", "settings", "splice", "rest", "suffix")
 
     def __init__(self, capturing: bool = False, workflow_id: Optional[str] = None,
                  campaign_id: Optional[str] = None, workflow_name: Optional[str] = None,
@@ -36,6 +40,27 @@ class RunState:
         self.base = base or {}
         self.telemetry = telemetry  # None, or an object with .capture() -> dict
         self.settings = settings
+        # The fields every task of this run shares, and their JSON; capture splices them
+        # through ``splice`` (a Pipeline's append_parts) when ``append`` is a Pipeline's.
+        # workflow_id stays in the serialised head of each line: consolidation recognises
+        # lines that start with type, id and workflow id without parsing them.
+        self.rest = {"campaign_id": campaign_id, **self.base}
+        self.suffix = constant_suffix(self.rest)
+        owner = getattr(append, "__self__", None)
+        self.splice = getattr(owner, "append_parts", None) if capturing else None
+
+
+def constant_suffix(fields: Dict[str, Any]) -> bytes:
+    """``fields`` as the tail of a JSON line: ``,"k":v,...}`` and a newline (``}`` alone when empty).
+
+    Appended to a serialised record without its closing brace, it yields one JSON object; the
+    caller guarantees the record is non-empty and shares no key with ``fields``.
+    """
+    if not fields:
+        return b"}\n"
+    from flowcept.serialization import dumps
+
+    return b"," + dumps(fields)[1:] + b"\n"
 
 
 _warned_not_started = False

@@ -68,8 +68,57 @@ def test_exception_inside_loop_body(cls):
                     raise RuntimeError("in body")
         records = fc.get_buffer()
     loops, iterations = split(records, "err")
-    assert [r["used"]["item"] for r in sorted(iterations, key=lambda r: r["used"]["i"])] == [1, 2]
-    assert len(loops) == 1
+    iterations.sort(key=lambda r: r["used"]["i"])
+    assert [r["used"]["item"] for r in iterations] == [1, 2]
+    assert len(loops) == 1 and loops[0]["status"] == "ERROR"
+    # The iteration the exception cut short is an ERROR; the ones before it finished.
+    assert [r["status"] for r in iterations] == ["FINISHED", "ERROR"]
+    assert iterations[1]["custom_metadata"] == {"interrupted": True}
+
+
+@pytest.mark.parametrize("cls", LOOPS)
+def test_break_and_return_are_finished_not_errors(cls):
+    def first_even(loop):
+        for item in loop:
+            if item % 2 == 0:
+                return item
+        return None
+
+    with Flowcept() as fc:
+        for item in cls(range(10), loop_name="brk"):
+            if item == 1:
+                break
+        assert first_even(cls([1, 3, 4, 5], loop_name="ret")) == 4
+        iterator = iter(cls(range(3), loop_name="closed"))
+        next(iterator)
+        iterator.close()
+        records = fc.get_buffer()
+    for name in ("brk", "ret", "closed"):
+        loops, iterations = split(records, name)
+        assert loops[0]["status"] == "FINISHED", name
+        assert all(r["status"] == "FINISHED" for r in iterations), name
+        assert [r.get("custom_metadata") for r in iterations][-1] == {"interrupted": True}, name
+
+
+def test_iteration_lines_lead_with_type_id_and_workflow(tmp_path):
+    """Iteration lines are spliced from a per-loop constant part; their layout stays the same."""
+    import orjson
+
+    with Flowcept() as fc:
+        for _ in FlowceptLoop(["x", {"k": [1, 2]}, None], loop_name="lay"):
+            pass
+        records = fc.get_buffer()
+    path = fc.output_path
+    loops, iterations = split(records, "lay")
+    assert len(iterations) == 3
+    for record in iterations:
+        assert list(record)[:3] == ["type", "task_id", "workflow_id"]
+        for key in ("campaign_id", "hostname", "pid", "activity_id", "subtype", "group_id",
+                    "parent_task_id", "started_at", "ended_at", "status", "used"):
+            assert key in record, key
+    with open(path, "rb") as handle:
+        lines = [orjson.loads(line) for line in handle]
+    assert sum(1 for r in lines if r.get("activity_id") == "lay_iteration") == 3
 
 
 @pytest.mark.parametrize("cls", LOOPS)

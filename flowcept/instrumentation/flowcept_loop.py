@@ -5,11 +5,20 @@ Each iteration is a ``type: "task"`` record with ``activity_id`` ``<loop_name>_i
 the loop's own task id. The loop itself is recorded once, when it ends, as a task with
 ``activity_id`` ``<loop_name>`` and ``subtype`` ``loop`` (``generated.iterations`` tells how many
 ran). Iteration is a generator, so when a ``for`` loop is left by ``break`` or an exception the
-generator is closed at once and the interrupted iteration is still recorded.
+generator is closed at once and the interrupted iteration is still recorded, with
+``custom_metadata.interrupted: true``. Its status (and the loop record's) is ``ERROR`` when an
+exception left the loop body or the wrapped iterable raised, ``FINISHED`` when the loop was
+left by ``break``/``return`` or the iterator was closed (normal control flow). The reference
+(1.0.3) sends no record at all for an interrupted iteration and marks every sent one FINISHED.
+
+Per iteration only the task id, times and ``used`` are serialised; the fields all iterations
+of a loop share are serialised once per loop and spliced in (``Pipeline.append_parts``).
 """
 
 from __future__ import annotations
 
+import sys
+import weakref
 from collections.abc import Iterator
 from time import time
 from typing import Any, Dict, Optional, Sized, Union
@@ -27,6 +36,7 @@ class FlowceptLoop:
     """Wrap an iterable (sized, an int, or an iterator with ``items_length``) and capture each step."""
 
     _subtype = "iteration"
+    _per_iteration_telemetry = True
 
     def __init__(self, items: Union[Sized, Iterator, int], loop_name: str = "loop", item_name: str = "item",
                  parent_task_id: Optional[str] = None, workflow_id: Optional[str] = None,
@@ -60,6 +70,7 @@ class FlowceptLoop:
         self._next_index = 0
         self._own_iterator: Optional[Iterator] = None
         self._started_at: Optional[float] = None
+        self._generator_ref: Any = None
 
     def __len__(self) -> int:
         if self._length is None:
@@ -69,7 +80,9 @@ class FlowceptLoop:
     def __iter__(self):
         if not self.enabled:
             return iter(self._items)
-        return self._instrumented()
+        generator = self._instrumented()
+        self._generator_ref = weakref.ref(generator)
+        return generator
 
     def __next__(self) -> Any:
         if self._own_iterator is None:
@@ -91,147 +104,113 @@ class FlowceptLoop:
     def _instrumented(self):
         run = capture.state
         append = run.append
-        base = run.base
-        telemetry = run.telemetry
+        splice = run.splice
+        telemetry = run.telemetry if self._per_iteration_telemetry else None
         workflow_id = self.workflow_id
-        campaign_id = run.campaign_id
         loop_id = self._loop_id
         parent = self._parent_task_id
-        activity_id = self._activity_id
         item_name = self.item_name
-        subtype = self._subtype
+        # What every iteration of this loop shares is serialised once: only the task id, the
+        # times and ``used`` are serialised per iteration (Pipeline.append_parts).
+        rest = {"activity_id": self._activity_id, "subtype": self._subtype, "group_id": loop_id,
+                "parent_task_id": parent, "status": "FINISHED", **run.rest}
+        suffix = capture.constant_suffix(rest)
         prefix, counter = _ids.prefix, _ids.counter
         self._started_at = started_at = time()
         index = 0
         record = None
         status = "FINISHED"
+        error_text = None
         try:
             for item in self._items:
-                record = {
-                    "type": "task",
-                    "task_id": prefix + str(next(counter)),
-                    "workflow_id": workflow_id,
-                    "campaign_id": campaign_id,
-                    "activity_id": activity_id,
-                    "subtype": subtype,
-                    "group_id": loop_id,
-                    "parent_task_id": parent,
-                    "started_at": started_at,
-                    "used": {"i": index, item_name: item},
-                    **base,
-                }
+                # type, task_id, workflow_id lead every task line (consolidation relies on it).
+                record = {"type": "task", "task_id": prefix + str(next(counter)), "workflow_id": workflow_id,
+                          "started_at": started_at, "used": {"i": index, item_name: item}}
                 if telemetry is not None:
                     record["telemetry_at_start"] = telemetry.capture()
                 self._current = record
                 yield item
-                started_at = time()
+                started_at = time()  # the end of this iteration is the start of the next
                 record["ended_at"] = started_at
-                record["status"] = "FINISHED"
                 if telemetry is not None:
                     record["telemetry_at_end"] = telemetry.capture()
-                append(record)
+                if splice is not None:
+                    splice(record, suffix, rest, workflow_id)
+                else:
+                    append({**record, **rest})
                 record = None
                 index += 1
         except GeneratorExit:
-            # Left early: `break`, an exception in the loop body, or the iterator was dropped.
-            # Python does not tell the generator which; the iteration is marked interrupted.
+            # Left early: `break`/`return` (normal control flow: FINISHED), an exception in
+            # the loop body (ERROR), or the iterator was closed or dropped (FINISHED).
+            if record is not None and _closed_by_exception(self._generator_ref):
+                status = "ERROR"
+                error_text = "the loop body raised an exception"
             raise
         except BaseException as error:  # the wrapped iterable itself failed
             status = "ERROR"
+            error_text = f"{type(error).__name__}: {error}"
             if record is None:
                 record = {"type": "task", "task_id": prefix + str(next(counter)), "workflow_id": workflow_id,
-                          "campaign_id": campaign_id, "activity_id": activity_id, "subtype": subtype,
-                          "group_id": loop_id, "parent_task_id": parent, "started_at": started_at,
-                          "used": {"i": index}, **base}
-            record["stderr"] = f"{type(error).__name__}: {error}"
+                          "started_at": started_at, "used": {"i": index}}
             raise
         finally:
             ended_at = time()
             if record is not None:
                 record["ended_at"] = ended_at
-                record["status"] = status
-                record.setdefault("custom_metadata", {})["interrupted"] = True
-                append(record)
+                full = {**record, **rest}
+                full["status"] = status
+                if error_text is not None:
+                    full["stderr"] = error_text
+                metadata = full.get("custom_metadata")
+                full["custom_metadata"] = {**metadata, "interrupted": True} if metadata else {"interrupted": True}
+                append(full)
                 index += 1
             self._current = None
-            loop_record = {
-                "type": "task",
-                "task_id": loop_id,
-                "workflow_id": workflow_id,
-                "campaign_id": campaign_id,
-                "activity_id": self.loop_name,
-                "subtype": "loop",
-                "parent_task_id": parent,
-                "started_at": self._started_at,
-                "ended_at": ended_at,
-                "status": status,
-                "used": {"items_length": self._length},
-                "generated": {"iterations": index},
-                **base,
-            }
-            append(loop_record)
+            append({
+                "type": "task", "task_id": loop_id, "workflow_id": workflow_id,
+                "activity_id": self.loop_name, "subtype": "loop", "parent_task_id": parent,
+                "started_at": self._started_at, "ended_at": ended_at, "status": status,
+                "used": {"items_length": self._length}, "generated": {"iterations": index}, **run.rest,
+            })
+
+
+def _closed_by_exception(generator_ref: Any) -> bool:
+    """Whether the loop's generator is being closed because an exception left the loop body.
+
+    Python does not tell a generator why it is closed, so this looks at how: a generator
+    closed explicitly (``close()``) is still referenced (its weak reference is alive); one
+    dropped by the ``for`` statement is closed from the loop's frame, at the instruction
+    that dropped it. ``break``/``return`` drop it with POP_TOP (POP_ITER/END_FOR in newer
+    Pythons), ``del``/rebinding with a delete/store; any other instruction is one that raised.
+    """
+    if generator_ref is not None and generator_ref() is not None:
+        return False  # explicit close(): not an exception
+    try:
+        frame = sys._getframe(2)  # 0: here, 1: the generator, 2: the frame that dropped it
+        code = frame.f_code.co_code
+        lasti = frame.f_lasti
+        if lasti < 0 or lasti >= len(code):
+            return False
+        name = _opname(code[lasti])
+    except Exception:  # pragma: no cover - no frame introspection on this interpreter
+        return False
+    return not (name in _NORMAL_DROPS or name.startswith(("STORE_", "DELETE_", "RETURN_")))
+
+
+_NORMAL_DROPS = frozenset({"POP_TOP", "POP_ITER", "END_FOR", "JUMP_BACKWARD", "JUMP_FORWARD", "NOP"})
+
+
+def _opname(op: int) -> str:
+    import opcode
+
+    return opcode.opname[op]
 
 
 class FlowceptLightweightLoop(FlowceptLoop):
     """The same records as FlowceptLoop with the least work per iteration.
 
-    Telemetry is never captured per iteration (only the loop record could carry it), and the
-    iteration records of a whole loop are handed to the buffer together.
+    Telemetry is never captured per iteration (only the loop record could carry it).
     """
 
-    _subtype = "iteration"
-
-    def _instrumented(self):
-        run = capture.state
-        append = run.append
-        base = run.base
-        workflow_id = self.workflow_id
-        campaign_id = run.campaign_id
-        loop_id = self._loop_id
-        parent = self._parent_task_id
-        activity_id = self._activity_id
-        item_name = self.item_name
-        prefix, counter = _ids.prefix, _ids.counter
-        self._started_at = started_at = time()
-        index = 0
-        record = None
-        status = "FINISHED"
-        try:
-            for item in self._items:
-                record = {
-                    "type": "task", "task_id": prefix + str(next(counter)), "workflow_id": workflow_id,
-                    "campaign_id": campaign_id, "activity_id": activity_id, "subtype": "iteration",
-                    "group_id": loop_id, "parent_task_id": parent, "started_at": started_at,
-                    "used": {"i": index, item_name: item}, **base,
-                }
-                self._current = record
-                yield item
-                started_at = time()
-                record["ended_at"] = started_at
-                record["status"] = "FINISHED"
-                append(record)
-                record = None
-                index += 1
-        except GeneratorExit:
-            raise
-        except BaseException as error:
-            status = "ERROR"
-            if record is not None:
-                record["stderr"] = f"{type(error).__name__}: {error}"
-            raise
-        finally:
-            ended_at = time()
-            if record is not None:
-                record["ended_at"] = ended_at
-                record["status"] = status
-                record.setdefault("custom_metadata", {})["interrupted"] = True
-                append(record)
-                index += 1
-            self._current = None
-            append({
-                "type": "task", "task_id": loop_id, "workflow_id": workflow_id, "campaign_id": campaign_id,
-                "activity_id": self.loop_name, "subtype": "loop", "parent_task_id": parent,
-                "started_at": self._started_at, "ended_at": ended_at, "status": status,
-                "used": {"items_length": self._length}, "generated": {"iterations": index}, **base,
-            })
-
+    _per_iteration_telemetry = False

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import inspect
+import sys
 from time import time
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from flowcept import capture
 from flowcept.capture import current_task_id
 from flowcept.ids import id_factory
-from flowcept.instrumentation.task_capture import FlowceptTask, _error_text
+from flowcept.instrumentation.task_capture import FlowceptTask, _error_text, full_record
 
 _ids = id_factory()
 
@@ -21,7 +21,8 @@ __all__ = ["flowcept_task", "FlowceptTask", "default_args_handler"]
 def default_args_handler(*args: Any, **kwargs: Any) -> Dict[str, Any]:
     """Name positional values ``arg_<i>`` (an argparse Namespace is expanded) and keep keywords."""
     handled: Dict[str, Any] = {}
-    if args and isinstance(args[0], argparse.Namespace):
+    argparse = sys.modules.get("argparse")  # a Namespace exists only if argparse was imported
+    if args and argparse is not None and isinstance(args[0], argparse.Namespace):
         handled.update(vars(args[0]))
         args = args[1:]
     for index, value in enumerate(args):
@@ -115,28 +116,25 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                                                    "source_agent_id") if decorator_kwargs.get(k) is not None}
         bind = _make_binder(function)
 
-        def begin(args: tuple, kwargs: dict):
-            run = capture.state
-            if not run.capturing:
-                return None, None
+        def begin(args: tuple, kwargs: dict, run: Any) -> tuple:
             if args_handler is not None:
                 used = args_handler(*args, **kwargs)
             else:
                 used = bind(args, kwargs)
             task_id = _ids.prefix + str(next(_ids.counter))
-            record = {
-                "type": "task",
-                "task_id": task_id,
-                "workflow_id": used.pop("workflow_id", None) or run.workflow_id
-                if "workflow_id" in used else run.workflow_id,
-                "campaign_id": used.pop("campaign_id", None) or run.campaign_id
-                if "campaign_id" in used else run.campaign_id,
-                "activity_id": activity_id,
-                "started_at": time(),
-                "parent_task_id": current_task_id.get(),
-                "used": used,
-                **run.base,
-            }
+            # type, task_id, workflow_id lead every task line (consolidation relies on it).
+            record = {"type": "task", "task_id": task_id, "workflow_id": run.workflow_id,
+                      "activity_id": activity_id, "started_at": time(),
+                      "parent_task_id": current_task_id.get(), "used": used}
+            splice = run.splice
+            if "workflow_id" in used or "campaign_id" in used:
+                workflow_id = used.pop("workflow_id", None)
+                if workflow_id:
+                    record["workflow_id"] = workflow_id
+                campaign_id = used.pop("campaign_id", None)
+                if campaign_id:
+                    record["campaign_id"] = campaign_id
+                    splice = None  # overrides a constant field of the run
             if extra:
                 record.update(extra)
             telemetry = run.telemetry if capture_telemetry is None or capture_telemetry else None
@@ -146,10 +144,10 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                 telemetry = ensure_capture()
             if telemetry is not None:
                 record["telemetry_at_start"] = telemetry.capture()
-            return record, (current_task_id.set(task_id), telemetry)
+            return record, current_task_id.set(task_id), telemetry, splice
 
-        def finish(record: dict, token_and_telemetry: Any, result: Any, error: Optional[BaseException]) -> None:
-            token, telemetry = token_and_telemetry
+        def finish(record: dict, token: Any, telemetry: Any, splice: Any, run: Any, result: Any,
+                   error: Optional[BaseException]) -> None:
             try:
                 current_task_id.reset(token)
             except ValueError:
@@ -165,37 +163,79 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                 record["stderr"] = _error_text(type(error), error)
             if telemetry is not None:
                 record["telemetry_at_end"] = telemetry.capture()
-            capture.state.append(record)
+            if splice is not None and capture.state is run:
+                splice(record, run.suffix, run.rest, record["workflow_id"])
+            else:  # the run changed during the call, or the call overrides a constant field
+                capture.state.append(full_record(record, run))
 
         if inspect.iscoroutinefunction(function):
             @functools.wraps(function)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                record, token = begin(args, kwargs)
-                if record is None:
+                run = capture.state
+                if not run.capturing:
                     return await function(*args, **kwargs)
+                record, token, telemetry, splice = begin(args, kwargs, run)
                 try:
                     result = await function(*args, **kwargs)
                 except BaseException as error:
-                    finish(record, token, None, error)
+                    finish(record, token, telemetry, splice, run, None, error)
                     raise
-                finish(record, token, result, None)
+                finish(record, token, telemetry, splice, run, result, None)
                 return result
 
             return async_wrapper
 
+        if args_handler is None and capture_telemetry is None and not extra:
+            # The common case, inlined: one Python frame per call besides the function's own.
+            @functools.wraps(function)
+            def fast_wrapper(*args: Any, **kwargs: Any) -> Any:
+                run = capture.state
+                splice = run.splice
+                if splice is None or run.telemetry is not None:
+                    return wrapper(*args, **kwargs)
+                used = bind(args, kwargs)
+                if "workflow_id" in used or "campaign_id" in used:
+                    return wrapper(*args, **kwargs)
+                task_id = _ids.prefix + str(next(_ids.counter))
+                record = {"type": "task", "task_id": task_id, "workflow_id": run.workflow_id,
+                          "activity_id": activity_id, "started_at": time(),
+                          "parent_task_id": current_task_id.get(), "used": used}
+                token = current_task_id.set(task_id)
+                try:
+                    result = function(*args, **kwargs)
+                except BaseException as error:
+                    finish(record, token, None, splice, run, None, error)
+                    raise
+                try:
+                    current_task_id.reset(token)
+                except ValueError:
+                    pass
+                record["ended_at"] = time()
+                record["status"] = "FINISHED"
+                if result is not None:
+                    record["generated"] = result if type(result) is dict else _generated(result, output_names)
+                if capture.state is run:
+                    splice(record, run.suffix, run.rest, run.workflow_id)
+                else:
+                    capture.state.append(full_record(record, run))
+                return result
+
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            record, token = begin(args, kwargs)
-            if record is None:
+            run = capture.state
+            if not run.capturing:
                 return function(*args, **kwargs)
+            record, token, telemetry, splice = begin(args, kwargs, run)
             try:
                 result = function(*args, **kwargs)
             except BaseException as error:
-                finish(record, token, None, error)
+                finish(record, token, telemetry, splice, run, None, error)
                 raise
-            finish(record, token, result, None)
+            finish(record, token, telemetry, splice, run, result, None)
             return result
 
+        if args_handler is None and capture_telemetry is None and not extra:
+            return fast_wrapper
         return wrapper
 
     if func is not None and callable(func):

@@ -28,9 +28,13 @@ class FlowceptTask:
     tasks started inside the block; an exception in the block records ``status: ERROR`` with
     the error text in ``stderr`` and is re-raised. Outside a started ``Flowcept`` (or with
     ``instrumentation.enabled: false``) every method is a no-op.
+
+    The record holds only what varies per task; the run's constant fields (campaign id,
+    placement) are serialised once per run and spliced in when the task is sent
+    (``Pipeline.append_parts``). ``to_dict()`` returns the whole record.
     """
 
-    __slots__ = ("_record", "_ended", "_token", "_telemetry")
+    __slots__ = ("_record", "_ended", "_token", "_telemetry", "_run", "_splice")
 
     def __init__(self, task_id: Optional[str] = None, workflow_id: Optional[str] = None,
                  campaign_id: Optional[str] = None, activity_id: Optional[str] = None,
@@ -48,59 +52,75 @@ class FlowceptTask:
             self._record = None
             self._ended = True
             self._telemetry = None
+            self._run = None
+            self._splice = None
             return
-        record = {
+        # type, task_id, workflow_id lead every task line (consolidation relies on it).
+        self._record = record = {
             "type": "task",
             "task_id": task_id or _ids.prefix + str(next(_ids.counter)),
             "workflow_id": workflow_id or run.workflow_id,
-            "campaign_id": campaign_id or run.campaign_id,
             "activity_id": activity_id,
             "started_at": started_at or time(),
             "parent_task_id": parent_task_id or current_task_id.get(),
-            **run.base,
         }
+        self._run = run
+        self._splice = run.splice
+        self._ended = False
         if used is not None:
             record["used"] = used
-        if data is not None:
-            record["data"] = data
-        if subtype is not None:
-            record["subtype"] = subtype
-        if hostname is not None:
-            record["hostname"] = hostname
-        if tags is not None:
-            record["tags"] = tags
-        if adapter_id is not None:
-            record["adapter_id"] = adapter_id
-        if custom_metadata is not None:
-            record["custom_metadata"] = custom_metadata
-        if agent_id is not None:
-            record["agent_id"] = agent_id
-        if source_agent_id is not None:
-            record["source_agent_id"] = source_agent_id
-        telemetry = run.telemetry if capture_telemetry is None or capture_telemetry else None
-        if capture_telemetry and telemetry is None:
-            from flowcept.telemetry import ensure_capture
+        if (data is not None or subtype is not None or tags is not None or adapter_id is not None
+                or custom_metadata is not None or agent_id is not None or source_agent_id is not None
+                or campaign_id or hostname is not None):
+            if data is not None:
+                record["data"] = data
+            if subtype is not None:
+                record["subtype"] = subtype
+            if tags is not None:
+                record["tags"] = tags
+            if adapter_id is not None:
+                record["adapter_id"] = adapter_id
+            if custom_metadata is not None:
+                record["custom_metadata"] = custom_metadata
+            if agent_id is not None:
+                record["agent_id"] = agent_id
+            if source_agent_id is not None:
+                record["source_agent_id"] = source_agent_id
+            if campaign_id or hostname is not None:  # overrides a constant field: no splicing
+                if campaign_id:
+                    record["campaign_id"] = campaign_id
+                if hostname is not None:
+                    record["hostname"] = hostname
+                self._splice = None
+        if capture_telemetry is None:
+            telemetry = run.telemetry
+        elif capture_telemetry:
+            telemetry = run.telemetry
+            if telemetry is None:
+                from flowcept.telemetry import ensure_capture
 
-            telemetry = ensure_capture()
+                telemetry = ensure_capture()
+        else:
+            telemetry = None
+        self._telemetry = telemetry
         if telemetry is not None:
             record["telemetry_at_start"] = telemetry.capture()
-        self._telemetry = telemetry
-        self._record = record
-        self._ended = False
         if (generated is not None or ended_at is not None or stdout is not None or stderr is not None
                 or status is not None):
             self.end(generated=generated, ended_at=ended_at, stdout=stdout, stderr=stderr,
                      status=status or Status.FINISHED)
 
     def __enter__(self) -> FlowceptTask:
-        if self._record is not None:
-            self._token = current_task_id.set(self._record["task_id"])
+        record = self._record
+        if record is not None:
+            self._token = current_task_id.set(record["task_id"])
         return self
 
     def __exit__(self, exc_type, exc_val, exc_tb) -> bool:
-        if self._token is not None:
+        token = self._token
+        if token is not None:
             try:
-                current_task_id.reset(self._token)
+                current_task_id.reset(token)
             except ValueError:  # exited in another context (generators, threads)
                 pass
             self._token = None
@@ -120,22 +140,27 @@ class FlowceptTask:
         self._ended = True
         record = self._record
         record["ended_at"] = ended_at or time()
-        record["status"] = (_FINISHED if status is None or status is _FINISHED_STATUS
+        record["status"] = (_FINISHED if status is _FINISHED_STATUS or status is None
                             else _status_text(status))
         if generated is not None:
             record["generated"] = generated
-        if stdout is not None:
-            record["stdout"] = stdout
-        if stderr is not None:
-            record["stderr"] = stderr
-        if data is not None:
-            record["data"] = data
-        if custom_metadata is not None:
-            existing = record.get("custom_metadata")
-            record["custom_metadata"] = {**existing, **custom_metadata} if existing else custom_metadata
+        if stdout is not None or stderr is not None or data is not None or custom_metadata is not None:
+            if stdout is not None:
+                record["stdout"] = stdout
+            if stderr is not None:
+                record["stderr"] = stderr
+            if data is not None:
+                record["data"] = data
+            if custom_metadata is not None:
+                existing = record.get("custom_metadata")
+                record["custom_metadata"] = {**existing, **custom_metadata} if existing else custom_metadata
         if self._telemetry is not None:
             record["telemetry_at_end"] = self._telemetry.capture()
-        capture.state.append(record)
+        run = self._run
+        if self._splice is not None and capture.state is run:
+            self._splice(record, run.suffix, run.rest, record["workflow_id"])
+        else:  # the run changed since the task began, or a field overrides a constant one
+            capture.state.append(self.to_dict())
 
     def send(self) -> None:
         """Finalise with status FINISHED if not already ended."""
@@ -148,7 +173,9 @@ class FlowceptTask:
         return self._record["workflow_id"] if self._record is not None else None
 
     def get_campaign_id(self) -> Optional[str]:
-        return self._record["campaign_id"] if self._record is not None else None
+        if self._record is None:
+            return None
+        return self._record.get("campaign_id") or self._run.campaign_id
 
     def get_agent_id(self) -> Optional[str]:
         return self._record.get("agent_id") if self._record is not None else None
@@ -160,12 +187,24 @@ class FlowceptTask:
         return self._record.get("activity_id") if self._record is not None else None
 
     def to_dict(self) -> Dict[str, Any]:
-        """The record as captured so far (a copy)."""
-        return dict(self._record) if self._record is not None else {}
+        """The record as captured so far, with the run's constant fields (a copy)."""
+        return full_record(self._record, self._run)
 
     @property
     def ended(self) -> bool:
         return self._ended
+
+
+def full_record(record: Optional[Dict[str, Any]], run: Any) -> Dict[str, Any]:
+    """``record`` completed with the constant fields of ``run`` it does not set itself (a copy)."""
+    if record is None:
+        return {}
+    out = dict(record)
+    if run is not None:
+        for name, value in run.rest.items():
+            if name not in out:
+                out[name] = value
+    return out
 
 
 def _error_text(exc_type: Any, exc_val: Any) -> str:

@@ -2,11 +2,17 @@
 
 1. Ingest: records/s from 1, 2 and 4 client processes (the real DaemonLink, acknowledged
    batches) into one daemon writing JSONL, against raw pyzmq PUSH/PULL of the same batches to a
-   receiver that only counts them. Targets: >= 0.5x raw and >= 1 M records/s.
+   receiver that only counts them. Targets: >= 0.5x raw and >= 1 M records/s. Same records,
+   batches and header frames on both sides; both get the same untimed warm-up (a node daemon is
+   long-lived: its receive buffers are already faulted in, ~3 us per page on this VM); each
+   figure is the best of ``--repeat`` interleaved runs, and each run's output file is removed
+   after it (page cache left by earlier runs makes the next run's writes allocate pages the
+   VM's balloon has reclaimed, several times slower than reusing freed ones).
 2. Per-task cost of FlowceptTask in a client with the daemon link vs the per-process file.
 3. Daemon CPU when idle with 1 Hz telemetry sampling (% of one core). Target <= 0.2%.
 
-Usage: python benchmarks/bench_daemon.py [--records 400000] [--batch 1000] [--repeat 3] [--idle-seconds 5]
+Usage: python benchmarks/bench_daemon.py [--records 400000] [--batch 1000] [--repeat 3] [--warm 1]
+       [--idle-seconds 5]
 """
 
 from __future__ import annotations
@@ -37,25 +43,29 @@ def make_payload(batch: int, worker: int) -> bytes:
     return b"".join(lines)
 
 
-def link_client(address: str, base: str, batches: int, batch: int, worker: int, go, results) -> None:
+def link_client(address: str, base: str, batches: int, warm: int, batch: int, worker: int, go, ready,
+                results) -> None:
     from flowcept.daemon_link import DaemonLink
     from flowcept.transport import FileTransport
 
     payload = make_payload(batch, worker)
     link = DaemonLink(address, fallback=FileTransport(base, "bench"), ack_timeout_s=30)
-    link.send("wf-bench", payload, batch)  # connect and register outside the timed part
+    for _ in range(max(1, warm)):  # connect, register and warm up outside the timed part
+        link.send("wf-bench", payload, batch)
     link.flush(durable=True)
+    warmed = link.records_acked
+    ready.put(worker)
     go.wait()
     start = time.perf_counter()
     for _ in range(batches):
         link.send("wf-bench", payload, batch)
     link.flush(durable=True)
     end = time.perf_counter()
-    results.put((start, end, link.records_acked - batch, link.records_spilled))
+    results.put((start, end, link.records_acked - warmed, link.records_spilled))
     link.close()
 
 
-def raw_client(address: str, batches: int, batch: int, worker: int, go, results) -> None:
+def raw_client(address: str, batches: int, warm: int, batch: int, worker: int, go, results) -> None:
     import zmq
 
     payload = make_payload(batch, worker)
@@ -64,6 +74,8 @@ def raw_client(address: str, batches: int, batch: int, worker: int, go, results)
     push = context.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 1000)
     push.connect(address)
+    for _ in range(max(1, warm)):
+        push.send_multipart([header, payload])
     go.wait()
     start = time.perf_counter()
     for _ in range(batches):
@@ -73,7 +85,7 @@ def raw_client(address: str, batches: int, batch: int, worker: int, go, results)
     context.term()
 
 
-def raw_receiver(address: str, messages: int, bound, results) -> None:
+def raw_receiver(address: str, warm_messages: int, messages: int, bound, warmed, results) -> None:
     import zmq
 
     context = zmq.Context()
@@ -81,6 +93,9 @@ def raw_receiver(address: str, messages: int, bound, results) -> None:
     pull.setsockopt(zmq.RCVHWM, 10000)
     pull.bind(address)
     bound.set()
+    for _ in range(warm_messages):
+        pull.recv_multipart()
+    warmed.set()
     for _ in range(messages):
         pull.recv_multipart()
     results.put(("receiver", time.perf_counter()))
@@ -110,17 +125,18 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def ingest_link(workdir: str, clients: int, total: int, batch: int) -> float:
+def ingest_link(workdir: str, clients: int, total: int, batch: int, warm: int) -> float:
     """Records/s through the real DaemonLink into a daemon writing JSONL to ``workdir`` (ext4 here)."""
     process, address = start_daemon(workdir, "--no-telemetry")
     try:
         batches = max(1, total // clients // batch)
-        go, results = CTX.Event(), CTX.Queue()
-        procs = [CTX.Process(target=link_client, args=(address, os.path.join(workdir, "buf.jsonl"), batches,
-                                                        batch, w, go, results)) for w in range(clients)]
+        go, ready, results = CTX.Event(), CTX.Queue(), CTX.Queue()
+        procs = [CTX.Process(target=link_client, args=(address, os.path.join(workdir, "buf.jsonl"), batches, warm,
+                                                        batch, w, go, ready, results)) for w in range(clients)]
         for proc in procs:
             proc.start()
-        time.sleep(0.5)  # let every client connect and register (benchmark, not a test)
+        for _ in procs:  # every client connected, registered and warmed up (acknowledged)
+            ready.get(timeout=120)
         go.set()
         rows = [results.get(timeout=120) for _ in procs]
         for proc in procs:
@@ -139,18 +155,20 @@ def ingest_link(workdir: str, clients: int, total: int, batch: int) -> float:
                 os.unlink(os.path.join(workdir, name))
 
 
-def ingest_raw(workdir: str, clients: int, total: int, batch: int) -> float:
+def ingest_raw(workdir: str, clients: int, total: int, batch: int, warm: int) -> float:
+    """Records/s of the same batches over plain PUSH/PULL to a receiver that only receives them."""
     address = "ipc://" + os.path.join(workdir, "raw.sock")
     batches = max(1, total // clients // batch)
-    go, results, bound = CTX.Event(), CTX.Queue(), CTX.Event()
-    receiver = CTX.Process(target=raw_receiver, args=(address, batches * clients, bound, results))
+    go, results, bound, warmed = CTX.Event(), CTX.Queue(), CTX.Event(), CTX.Event()
+    receiver = CTX.Process(target=raw_receiver, args=(address, max(1, warm) * clients, batches * clients, bound,
+                                                      warmed, results))
     receiver.start()
     bound.wait(30)
-    procs = [CTX.Process(target=raw_client, args=(address, batches, batch, w, go, results))
+    procs = [CTX.Process(target=raw_client, args=(address, batches, warm, batch, w, go, results))
              for w in range(clients)]
     for proc in procs:
         proc.start()
-    time.sleep(0.5)
+    warmed.wait(120)  # every client connected and its warm-up received
     go.set()
     rows = [results.get(timeout=120) for _ in range(clients + 1)]
     for proc in [*procs, receiver]:
@@ -222,21 +240,26 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=400000, help="Records per ingest run.")
     parser.add_argument("--batch", type=int, default=1000, help="Records per message.")
     parser.add_argument("--repeat", type=int, default=3, help="Ingest runs per figure (best is kept).")
+    parser.add_argument("--warm", type=float, default=1.0,
+                        help="Untimed warm-up before each ingest run, as a fraction of --records (raw and "
+                             "daemon alike): a node daemon is long-lived, its buffers already faulted in.")
     parser.add_argument("--tasks", type=int, default=20000, help="Tasks per per-task cost run.")
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="fcb-")
     try:
         record_bytes = len(make_payload(args.batch, 0)) / args.batch
+        warm = int(args.records * args.warm) // args.batch
         print(f"ingest: {args.records} records per run ({record_bytes:.0f} bytes each), {args.batch} per "
-              f"message, {os.cpu_count()} cores; best of {args.repeat} alternating runs each")
+              f"message, {os.cpu_count()} cores; after a warm-up of {args.warm:g}x that; best of {args.repeat} "
+              f"alternating runs each")
         print(f"{'clients':>8} {'daemon rec/s':>14} {'raw PUSH/PULL rec/s':>20} {'ratio':>7}")
         for clients in (1, 2, 4):
             sub = tempfile.mkdtemp(dir=workdir)
             raws, daemons = [], []
             for _ in range(args.repeat):  # interleaved, so background load hits both alike
-                raws.append(ingest_raw(sub, clients, args.records, args.batch))
-                daemons.append(ingest_link(sub, clients, args.records, args.batch))
+                raws.append(ingest_raw(sub, clients, args.records, args.batch, warm))
+                daemons.append(ingest_link(sub, clients, args.records, args.batch, warm))
             raw, daemon = max(raws), max(daemons)
             print(f"{clients:>8} {daemon:>14,.0f} {raw:>20,.0f} {daemon / raw:>7.2f}")
         sub = tempfile.mkdtemp(dir=workdir)

@@ -24,6 +24,7 @@ import glob
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -429,9 +430,13 @@ class _CleanLines:
 
 
 def _count_lines(buf: Any, start: int, end: int) -> int:
-    try:
-        import numpy as np
-    except ModuleNotFoundError:
+    """Newlines in ``buf[start:end]``.
+
+    numpy's vectorised count when numpy is already loaded (importing it costs more than it
+    saves below a few hundred MiB), else bytes.count.
+    """
+    np = sys.modules.get("numpy")
+    if np is None:
         return buf.count(b"\n", start, end)
     return int(np.count_nonzero(np.frombuffer(buf, np.uint8, end - start, start) == 10))
 
@@ -565,8 +570,15 @@ class _Merger:
         self.wf_field = b'"workflow_id":' + self.wf_quoted
         self.report = report
         self.progress = progress
-        self.seen = SeenIds()
+        self._seen: Optional[SeenIds] = None
         self.workflows: List[dict] = []
+
+    @property
+    def seen(self) -> SeenIds:
+        """Created on first use: a merge whose sources all copy as they are never imports numpy."""
+        if self._seen is None:
+            self._seen = SeenIds()
+        return self._seen
 
     def blocks(self, sources: List[str], copy_ok: bool = False) -> Iterator[Tuple[Any, ...]]:
         """Yield (lines joined with newlines, count, parsed records or None) of distinct records.
@@ -648,7 +660,7 @@ class _Merger:
             kinds, prefixes, counters, workflows = zip(*matches)
             if workflows.count(self.wf_quoted) == lines:
                 self.report.records_in += lines
-                keep = self.seen.add_block(kinds, prefixes, counters) if self.seen is not None else None
+                keep = self.seen.add_block(kinds, prefixes, counters)
                 if keep is None:
                     yield block, lines, None
                     return
@@ -681,7 +693,7 @@ class _Merger:
                 if record.get("type") == "workflow":
                     self.workflows.append(record)
                     continue
-            if key is not None and self.seen is not None and not self.seen.add_key(key):
+            if key is not None and not self.seen.add_key(key):
                 report.duplicates += 1
                 continue
             out.append(line)
@@ -786,12 +798,13 @@ def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", 
         if workflow_update:
             merger.workflows.append(dict(workflow_update))
         if output_format == "hdf5":
-            from flowcept.hdf5_store import write_hdf5
+            from flowcept.hdf5_store import write_hdf5, write_hdf5_blocks
 
-            merged = _lines(merger.blocks(sources))
             if order_by_time:
-                merged = _ordered(merged)
-            report.records_out = write_hdf5(output, merged, workflow_id=workflow_id)
+                report.records_out = write_hdf5(output, _ordered(_lines(merger.blocks(sources))),
+                                                workflow_id=workflow_id)
+            else:
+                report.records_out = write_hdf5_blocks(output, merger.blocks(sources), workflow_id=workflow_id)
         elif order_by_time:
             report.records_out = _write_jsonl(output, ((line + b"\n", 1, None) for line, _ in
                                                        _ordered(_lines(merger.blocks(sources)))))

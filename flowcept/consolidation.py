@@ -5,15 +5,20 @@ Sources of a workflow ``W`` under the base path ``<dir>/<stem>.jsonl`` are:
 and an earlier ``<stem>_W.jsonl`` (so a second run is idempotent). A file is taken only when
 its records belong to ``W`` exactly (an id that merely shares a prefix stays out).
 
-Merging streams blocks of 1 MiB: our own task and telemetry lines are recognised a block at
-a time by one regex scan (no JSON parsing) and a block without duplicates is copied as is; other
-lines are parsed one by one. Duplicate removal costs about one byte per record id (``SeenIds``:
-a byte per counter value of each process's id prefix), ~70 bytes only for ids of another shape.
-A torn or corrupt line costs that line only and is reported (file and line number). Workflow
-records of the same id (start and end) are merged into one, written last. The output is written
-to a temporary file and renamed; the merge holds an exclusive lock file so two processes
-consolidating the same workflow take turns, and a source file is removed only
-when no live writer holds its lock.
+Merging takes two streaming passes. The first reads each source in 8 MiB blocks and finds, with
+one regex pass and no JSON parsing, the runs of our own canonical task and telemetry lines of
+exactly this workflow, and which process id prefixes each source holds. Ids are a per-process
+random prefix and a counter, and one writer appends each record to one source once, so a record
+can only be a duplicate when its prefix is held by two sources (a batch spilled to the process's
+file after the node daemon wrote it; an earlier output merged again). The second pass copies the
+canonical runs of a source no other source shares a prefix with as they are (``copy_file_range``:
+the kernel moves the bytes), and deduplicates the rest: ~one byte per record id (``SeenIds``: a
+byte per counter value of each process's id prefix), ~70 bytes only for ids of another shape.
+Lines of any other shape are parsed one by one. A torn or corrupt line costs that line only and
+is reported (file and line number). Workflow records of the same id (start and end) are merged
+into one, written last. The output is written to a temporary file and renamed; the merge holds
+an exclusive lock file so two processes consolidating the same workflow take turns, and a source
+file is removed only when no live writer holds its lock.
 """
 
 from __future__ import annotations
@@ -386,6 +391,7 @@ def _file_blocks(path: str, report: MergeReport) -> Iterator[Tuple[bytes, int]]:
 
 
 _SCAN_BYTES = 8 * 1024 * 1024
+_STAR = b"*+" if sys.version_info >= (3, 11) else b"*"  # possessive (no backtracking) from 3.11
 _MAX_SPANS = 4096  # more alternations of clean and other lines than this: the rest counts as other
 _TASK_HEAD = b'{"type":"task","task_id":"'
 _TELEMETRY_HEAD = b'{"type":"telemetry","telemetry_id":"'
@@ -400,7 +406,7 @@ def _clean_lines(wf_quoted: bytes, prefixes: Iterable[bytes] = ()) -> re.Pattern
     """
     ids = b"(?:" + b"|".join(prefixes) + b")" if prefixes else rb"[0-9a-f]{16}"
     return re.compile(rb'(?:\{"type":"(?:task","task_id|telemetry","telemetry_id)":"' + ids + rb'\.[0-9]{1,15}",'
-                      rb'"workflow_id":' + re.escape(wf_quoted) + rb'[,}][^\n]*+\n)*+')
+                      rb'"workflow_id":' + re.escape(wf_quoted) + rb'[,}][^\n]' + _STAR + rb'\n)' + _STAR)
 
 
 class _CleanLines:

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_MESSAGES = 2000
 _MAX_TURN_BYTES = 128 * 1024 * 1024
-_SUBMIT_BYTES = 4 * 1024 * 1024  # hand accepted batches to the writer at least this often
+_SUBMIT_BYTES = 1024 * 1024  # hand accepted batches to the writer at least this often (buffers recycle hot)
 _HOUSEKEEPING_S = 1.0
 _RCVHWM = 10000
 _SNDHWM = 10000

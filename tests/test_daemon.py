@@ -165,6 +165,26 @@ def test_protocol_round_trip_and_rejections() -> None:
     assert protocol.check_payload(b'{"a":1}\n', 1, strict=True)
 
 
+def test_payload_checks_read_buffers_in_place() -> None:
+    """The daemon hands zero-copy frames (buffers) to decode: counted in bulk, never copied."""
+    line = orjson.dumps({"type": "task", "task_id": "t", "pad": "x" * 40}) + b"\n"
+    for n in (1, 5, 3000):  # below and above the size where the count switches to numpy
+        payload = bytearray(line * n)
+        view = memoryview(payload)
+        assert protocol.count_lines(view) == n
+        assert protocol.check_payload(view, n) and protocol.check_payload(view, n, strict=True)
+        assert not protocol.check_payload(view, n + 1) and not protocol.check_payload(view, n - 1)
+        message = protocol.decode([memoryview(protocol.encode_batch(1, "wf", b"", n)[0]), view], 1 << 26)
+        assert message.payload is view
+        with pytest.raises(protocol.ProtocolError) as error:
+            protocol.decode([protocol.encode_batch(1, "wf", b"", n + 1)[0], view], 1 << 26)
+        assert error.value.reason == "payload"
+    torn = memoryview(line * 2999 + line[:-1])  # a last line without its end
+    assert not protocol.check_payload(torn, 2999) and not protocol.check_payload(torn, 3000)
+    bad = memoryview(line * 2999 + b'{"a":}\n')  # framing right, JSON wrong: only strict sees it
+    assert protocol.check_payload(bad, 3000) and not protocol.check_payload(bad, 3000, strict=True)
+
+
 def test_split_payload_cuts_at_line_ends() -> None:
     lines = [orjson.dumps({"i": i, "pad": "x" * (i % 50)}) + b"\n" for i in range(500)]
     payload = b"".join(lines)

@@ -140,8 +140,18 @@ def check_each_task_once(db, workflow_id: str, n: int) -> None:
     [workflow] = db.workflow_query({"workflow_id": workflow_id})  # start and end: one document
     assert workflow["name"] == "mongo-live" and workflow["status"] == "FINISHED"
     assert workflow["started_at"] <= workflow["ended_at"]
-    raw = db.query({"workflow_id": workflow_id}, collection="workflows")
-    assert len(raw) == 1
+    import pymongo
+
+    from flowcept.settings import load_settings
+
+    settings = load_settings()
+    client = pymongo.MongoClient(settings["databases.mongodb.uri"], serverSelectionTimeoutMS=5000)
+    try:  # the raw collections, as another reader of the database sees them
+        stored = client[settings["databases.mongodb.db"]]
+        assert stored.workflows.count_documents({"workflow_id": workflow_id}) == 1
+        assert stored.tasks.count_documents({"workflow_id": workflow_id, "activity_id": "numbered"}) == 2 * n
+    finally:
+        client.close()
 
 
 def test_daemon_streams_a_two_rank_job_live_and_each_task_once(start_mongo_daemon, mongo_env, tmp_path):
@@ -155,8 +165,9 @@ def test_daemon_streams_a_two_rank_job_live_and_each_task_once(start_mongo_daemo
         wait_paused(job, tmp_path)
 
         # The job is still running (both ranks wait for us): the tasks must already be in MongoDB.
-        def live_tasks_visible() -> bool:
-            return len(_numbered(db, workflow_id)) >= 2 * pause_at
+        def live_tasks_visible() -> bool:  # one batch's collections are written one after the other
+            return len(_numbered(db, workflow_id)) >= 2 * pause_at and bool(db.workflow_query(
+                {"workflow_id": workflow_id}))
 
         wait_for(live_tasks_visible, 30, "the paused ranks' tasks in MongoDB")
         assert job.poll() is None

@@ -42,6 +42,8 @@ STRING_COLUMNS = ("task_id", "workflow_id", "campaign_id", "activity_id", "statu
 FLOAT_COLUMNS = ("started_at", "ended_at")
 INT_COLUMNS = ("rank", "local_rank", "pid")
 GROUPS = ("tasks", "workflows", "telemetry", "other")
+_TASK_FIELDS = (*STRING_COLUMNS, *FLOAT_COLUMNS, *INT_COLUMNS)
+_PARSE_ROWS = 2048
 _GPU_KEYS = ("gpu", "gpus")
 _NODE_ID_KEYS = ("node_name", "hostname")
 _TIME_KEYS = ("timestamp", "utc_timestamp", "captured_at", "started_at")
@@ -168,12 +170,23 @@ class _GroupWriter:
             self.records.extend(records)
             self.parsed += 1
         if len(self.lines) >= WRITE_ROWS:
-            self.flush()
+            self.flush(aligned=True)
 
-    def flush(self) -> None:
+    def flush(self, aligned: bool = False) -> None:
+        """Write the buffered rows; ``aligned``: whole HDF5 chunks only, the rest stays buffered."""
         if not self.lines:
             return
         np = self.np
+        if aligned and len(self.lines) % CHUNK_ROWS:
+            keep = len(self.lines) % CHUNK_ROWS
+            seqs = np.concatenate(self.seqs)
+            rest = (seqs[-keep:], self.lines[-keep:], self.records[-keep:] if self.parsed else None)
+            self.seqs, self.lines = [seqs[:-keep]], self.lines[:-keep]
+            if self.parsed:
+                self.records = self.records[:-keep]
+            self.flush()
+            self.add_many(*rest)
+            return
         if self.appender is None:
             self.appender = _Appender(self.parent.require_group(self.name), np, self.h5py)
         app = self.appender
@@ -183,25 +196,33 @@ class _GroupWriter:
         app.append("seq", np.concatenate(self.seqs), np.int64)
         if self.name in ("tasks", "telemetry"):
             with _NoGC():
-                for start in range(0, len(self.lines), CHUNK_ROWS):  # bounded number of dicts alive
-                    part = self.lines[start:start + CHUNK_ROWS]
+                records: List[dict] = []
+                columns: Dict[str, List[Any]] = {name: [] for name in _TASK_FIELDS}
+                # Parsed a few thousand at a time: few dicts alive, their memory reused (fresh
+                # pages cost more than parsing on some machines).
+                for start in range(0, len(self.lines), _PARSE_ROWS):
+                    part = self.lines[start:start + _PARSE_ROWS]
                     if self.parsed:
                         records = [r if r is not None else orjson.loads(line)
-                                   for r, line in zip(self.records[start:start + CHUNK_ROWS], part)]
+                                   for r, line in zip(self.records[start:start + _PARSE_ROWS], part)]
                     else:
                         records = list(map(orjson.loads, part))
                     if self.name == "tasks":
-                        self._task_columns(app, records)
+                        for name, values in _columns(records, _TASK_FIELDS).items():
+                            columns[name].extend(values)
                     else:
                         self._telemetry(app, records)
-                    app.rows += len(part)
+                        app.rows += len(part)
+                    records = []
+                if self.name == "tasks":
+                    self._task_columns(app, columns)
+                    app.rows += len(self.lines)
         else:
             app.rows += len(self.lines)
         self.lines, self.records, self.seqs, self.parsed = [], [], [], 0
 
-    def _task_columns(self, app: _Appender, records: List[dict]) -> None:
+    def _task_columns(self, app: _Appender, columns: Dict[str, List[Any]]) -> None:
         np = self.np
-        columns = _columns(records, (*STRING_COLUMNS, *FLOAT_COLUMNS, *INT_COLUMNS))
         for name in STRING_COLUMNS:
             app.append_text(name, _text_column(np, columns[name]))
         for name in FLOAT_COLUMNS:

@@ -1,21 +1,41 @@
 """Launcher overhead: `srun -n 4 flowcept-launch true` against `srun -n 4 true`, same run.
 
-Prints median wall times, the added seconds (target: at most 0.3 s) and the ratio to the
-baseline, with and without the node daemon, plus the peak RSS of one launcher process.
-Needs a running Slurm (scripts/slurm-up.sh). Usage: python benchmarks/bench_launch.py [repeats]
+Prints median (and minimum) wall times, the added seconds (target: at most 0.3 s) and the ratio
+to the baseline, with and without the node daemon, plus the peak RSS of one launcher process.
+``--ref REV`` also runs the launcher as it was at git revision REV (its ``launch/`` files,
+extracted to a temporary directory, with today's library), interleaved with the others, so a
+before/after comparison shares one run and one machine load.
+
+Needs a running Slurm (scripts/slurm-up.sh).
+Usage: python benchmarks/bench_launch.py [repeats] [--ref REV]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Dict, List
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Runs a launcher whose files lie in the folder given first, as `flowcept.launch`.
+_RUN_REF = """import importlib.util, sys
+folder = sys.argv.pop(1)
+spec = importlib.util.spec_from_file_location("flowcept.launch", folder + "/__init__.py",
+                                              submodule_search_locations=[folder])
+module = importlib.util.module_from_spec(spec)
+sys.modules["flowcept.launch"] = module
+spec.loader.exec_module(module)
+from flowcept.launch.__main__ import main
+sys.exit(main())
+"""
 
 
 def _wall(command: List[str], cwd: str) -> float:
@@ -24,39 +44,71 @@ def _wall(command: List[str], cwd: str) -> float:
     return time.perf_counter() - start
 
 
-def _launcher_rss_bytes(cwd: str) -> int:
+def _rss_bytes(command: List[str], cwd: str) -> int:
     """Peak RSS of one launcher process (its `true` child is far smaller)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "flowcept.launch", "--no-daemon", "-q", "true"], cwd=cwd, check=True,
-                   timeout=60)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(before, after) * 1024
+    script = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", script, *command], cwd=cwd, check=True, capture_output=True,
+                         text=True, timeout=60)
+    return int(out.stdout.split()[-1]) * 1024
+
+
+def _extract(rev: str, into: str) -> str:
+    """The launch/ files of ``rev`` in ``into``; returns that folder."""
+    names = subprocess.run(["git", "ls-tree", "--name-only", rev, "launch/"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    folder = os.path.join(into, "launch")
+    os.makedirs(folder)
+    for name in names:
+        if name.endswith(".py"):
+            text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=REPO, check=True, capture_output=True,
+                                  text=True).stdout
+            Path(folder, os.path.basename(name)).write_text(text)
+    runner = os.path.join(into, "run_ref.py")
+    Path(runner).write_text(_RUN_REF)
+    return folder
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("repeats", nargs="?", type=int, default=5)
+    parser.add_argument("--ref", default=None, help="also time the launcher of this git revision")
+    args = parser.parse_args()
     if shutil.which("srun") is None:
         sys.exit("needs srun and a running Slurm (bash scripts/slurm-up.sh)")
-    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    launch = shutil.which("flowcept-launch") or "flowcept-launch"
-    variants: Dict[str, List[str]] = {
-        "srun -n 4 true": ["srun", "-n", "4", "true"],
-        "srun -n 4 flowcept-launch --no-daemon true": ["srun", "-n", "4", launch, "--no-daemon", "-q", "true"],
-        "srun -n 4 flowcept-launch true (daemon)": ["srun", "-n", "4", launch, "-q", "true"],
-    }
-    times: Dict[str, List[float]] = {name: [] for name in variants}
-    with tempfile.TemporaryDirectory() as cwd:
+    # The script beside this interpreter, not a wrapper found first on PATH (a pyenv shim is a bash
+    # script that runs `pyenv exec`: ~0.1 s per process, which is not the launcher's cost).
+    beside = os.path.join(os.path.dirname(sys.executable), "flowcept-launch")
+    launch = [beside] if os.access(beside, os.X_OK) else [shutil.which("flowcept-launch") or "flowcept-launch"]
+    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryDirectory() as refdir:
+        variants: Dict[str, List[str]] = {
+            "srun -n 4 true": ["srun", "-n", "4", "true"],
+            "flowcept-launch --no-daemon true": ["srun", "-n", "4", *launch, "--no-daemon", "-q", "true"],
+            "flowcept-launch true (daemon)": ["srun", "-n", "4", *launch, "-q", "true"],
+        }
+        rss_of = {"flowcept-launch": [*launch, "--no-daemon", "-q", "true"]}
+        if args.ref:
+            folder = _extract(args.ref, refdir)
+            ref = [sys.executable, os.path.join(refdir, "run_ref.py"), folder]
+            variants[f"{args.ref} --no-daemon true"] = ["srun", "-n", "4", *ref, "--no-daemon", "-q", "true"]
+            variants[f"{args.ref} true (daemon)"] = ["srun", "-n", "4", *ref, "-q", "true"]
+            rss_of[args.ref] = [*ref, "--no-daemon", "-q", "true"]
+        times: Dict[str, List[float]] = {name: [] for name in variants}
         for command in variants.values():  # warm-up (page cache, Slurm)
             _wall(command, cwd)
-        for _ in range(repeats):  # interleaved so drift hits every variant alike
+        for _ in range(args.repeats):  # interleaved so drift hits every variant alike
             for name, command in variants.items():
                 times[name].append(_wall(command, cwd))
-        rss = _launcher_rss_bytes(cwd)
+        rss = {name: _rss_bytes(command, cwd) for name, command in rss_of.items()}
     base = statistics.median(times["srun -n 4 true"])
-    print(f"cpus={os.cpu_count()} repeats={repeats}")
+    base_min = min(times["srun -n 4 true"])
+    print(f"cpus={os.cpu_count()} repeats={args.repeats} load={os.getloadavg()[0]:.1f}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:45s} median {median:6.3f} s  added {median - base:+6.3f} s  ratio {median / base:5.2f}x")
-    print(f"launcher peak RSS per rank: {rss / 2**20:.1f} MiB")
+        print(f"{name:40s} median {median:6.3f} s  added {median - base:+6.3f} s  ratio {median / base:5.2f}x"
+              f"   min {min(values):6.3f} s  added {min(values) - base_min:+6.3f} s")
+    for name, value in rss.items():
+        print(f"peak RSS of one launcher process ({name}): {value / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,21 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from flowcept.launch.launcher import LaunchOptions
+
+if TYPE_CHECKING:
+    import argparse
 
 _USAGE = "flowcept-launch [options] [--] command [args...]"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The launcher's options; everything from the first non-option word on is the command."""
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="flowcept-launch", usage=_USAGE,
         description="Run a command once per rank (srun, mpirun/mpiexec or alone) with Flowcept: each rank's "
@@ -51,8 +55,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options the fast parser knows: name -> (attribute, value kind or constant).
+_VALUE_OPTIONS = {"--workflow-name": "workflow_name", "-n": "workflow_name", "--output-dir": "output_dir",
+                  "-o": "output_dir", "--format": "output_format", "--telemetry-interval": "telemetry_interval_s",
+                  "--settings": "settings_file"}
+_FLAG_OPTIONS = {"--daemon": ("daemon", True), "--no-daemon": ("daemon", False),
+                 "--consolidate": ("consolidate", True), "--no-consolidate": ("consolidate", False),
+                 "--keep-files": ("keep_files", True), "--quiet": ("quiet", True), "-q": ("quiet", True)}
+
+
+def _fast_parse(argv: List[str]) -> Optional[LaunchOptions]:
+    """The common command lines without importing argparse (a few ms per rank, on every rank).
+
+    Returns None for anything unusual (help, abbreviations, a repeated or conflicting option, a
+    bad value): argparse then parses it, with its messages, exactly as before.
+    """
+    values: dict = {}
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            i += 1
+            break
+        if not word.startswith("-") or word == "-":
+            break
+        name, eq, inline = word.partition("=")
+        if name in _VALUE_OPTIONS:
+            if eq:
+                value = inline
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                value = argv[i + 1]
+                i += 1
+            else:
+                return None
+            key = _VALUE_OPTIONS[name]
+            if key == "telemetry_interval_s":
+                try:
+                    value = float(value)
+                except ValueError:
+                    return None
+            elif key == "output_format" and value not in ("jsonl", "hdf5"):
+                return None
+        elif name in _FLAG_OPTIONS and not eq:
+            key, value = _FLAG_OPTIONS[name]
+        else:
+            return None
+        if key in values and values[key] != value:
+            return None  # e.g. --daemon --no-daemon: argparse says why
+        values[key] = value
+        i += 1
+    command = argv[i:]
+    if not command:
+        return None
+    return LaunchOptions(command=list(command), **values)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> LaunchOptions:
     """Parse the command line; the command may follow ``--`` or simply the last option."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fast = _fast_parse(argv)
+    if fast is not None:
+        return fast
     parser = build_parser()
     args = parser.parse_args(argv)
     command = list(args.command)

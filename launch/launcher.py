@@ -1,69 +1,109 @@
 """One rank of ``flowcept-launch``: wire the command to Flowcept, run it, record it, finish the job.
 
-Every rank runs this (``srun``, ``mpirun``/``mpiexec`` or alone). The order keeps the added wall
-time small: ids are derived and the child started first, and the library (settings, pipeline,
-the rank's process task) is started while the child runs. Ranks never talk to each other: they
-agree on ids through the job's environment and meet through files in the output directory
-(one done-marker per rank, keyed by workflow id), so a rank that dies cannot hang the others
-for longer than ``launch.finish_timeout_s``.
+Every rank runs this (``srun``, ``mpirun``/``mpiexec`` or alone). The added wall time is what
+matters (``benchmarks/bench_launch.py``), so the launcher process stays small:
+
+- it imports only settings, placement and id derivation before the command starts (no psutil,
+  no zmq outside the node's daemon starter, no Flowcept pipeline or controller);
+- the command is started with ``posix_spawn`` as soon as its ``FLOWCEPT_*`` variables are known;
+  the node daemon is started beside it, and nobody waits for the daemon before the command runs
+  (its address is known in advance; the application's link waits for it, or spills to files);
+- the rank's process task (and, on global rank 0, the workflow record) is one JSON line written
+  to this launcher's own per-process file, where consolidation finds it like any other source.
+
+Ranks never talk to each other: they agree on ids through the job's environment and meet through
+files in the output directory (one done-marker per rank, keyed by workflow id), so a rank that
+dies cannot hang the others for longer than ``launch.finish_timeout_s``.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from flowcept.launch.ids import agree_ids
 
-from flowcept.placement import Placement, detect, reset_placement
-
-logger = logging.getLogger(__name__)
+from flowcept.placement import Placement, detect
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 MARKER_DIR_PREFIX = ".flowcept_launch_"
+_POLL_FIRST_S = 0.001
+_POLL_MAX_S = 0.02  # longest sleep between two looks at a marker directory
 
 
-@dataclass
 class LaunchOptions:
     """What the command line asked for (see ``flowcept-launch --help``)."""
 
-    command: List[str]
-    workflow_name: Optional[str] = None
-    output_dir: Optional[str] = None
-    output_format: Optional[str] = None
-    telemetry_interval_s: Optional[float] = None
-    daemon: bool = True
-    consolidate: bool = True
-    settings_file: Optional[str] = None
-    keep_files: bool = False
-    quiet: bool = False
+    __slots__ = ("command", "workflow_name", "output_dir", "output_format", "telemetry_interval_s", "daemon",
+                 "consolidate", "settings_file", "keep_files", "quiet")
+
+    def __init__(self, command: List[str], workflow_name: Optional[str] = None, output_dir: Optional[str] = None,
+                 output_format: Optional[str] = None, telemetry_interval_s: Optional[float] = None,
+                 daemon: bool = True, consolidate: bool = True, settings_file: Optional[str] = None,
+                 keep_files: bool = False, quiet: bool = False):
+        self.command = command
+        self.workflow_name = workflow_name
+        self.output_dir = output_dir
+        self.output_format = output_format
+        self.telemetry_interval_s = telemetry_interval_s
+        self.daemon = daemon
+        self.consolidate = consolidate
+        self.settings_file = settings_file
+        self.keep_files = keep_files
+        self.quiet = quiet
 
 
-@dataclass
 class RankOutcome:
     """How the rank's child ended; ``exit_code`` is what the launcher exits with."""
 
-    exit_code: int
-    signal: Optional[int] = None
-    user_cpu_s: float = 0.0
-    sys_cpu_s: float = 0.0
-    max_rss_bytes: int = 0
-    started_at: float = 0.0
-    ended_at: float = 0.0
-    error: Optional[str] = None
-    extra: Dict[str, object] = field(default_factory=dict)
+    def __init__(self, started_at: float):
+        self.exit_code = 0
+        self.signal: Optional[int] = None
+        self.user_cpu_s = 0.0
+        self.sys_cpu_s = 0.0
+        self.max_rss_bytes = 0
+        self.started_at = started_at
+        self.ended_at = started_at
+        self.error: Optional[str] = None
+        self.child_pid: Optional[int] = None
+
+
+_TRACE = os.environ.get("FLOWCEPT_LAUNCH_TRACE")
+
+
+def trace(event: str) -> None:
+    """With FLOWCEPT_LAUNCH_TRACE=<file>: append ``<time> <pid> <event>`` (where the time goes)."""
+    if _TRACE:
+        with open(_TRACE, "a") as handle:
+            handle.write(f"{time.time():.6f} {os.getpid()} {event}\n")
 
 
 def _say(message: str) -> None:
     """One line on stderr, prefixed so it is recognisable among the application's output."""
     sys.stderr.write(f"flowcept-launch: {message}\n")
     sys.stderr.flush()
+
+
+def poll_until(ready: Any, timeout_s: float) -> bool:
+    """Call ``ready()`` until it is true or ``timeout_s`` passed; sleeps grow from 1 ms to 20 ms.
+
+    Used for files other processes (maybe on other nodes, on a shared filesystem) create, where
+    there is nothing to block on; the short first sleeps keep the common case (already there, or
+    there within milliseconds) cheap.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = _POLL_FIRST_S
+    while True:
+        if ready():
+            return True
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        time.sleep(min(delay, deadline - now))  # polling another process's file, bounded by the deadline
+        delay = min(delay * 2, _POLL_MAX_S)
 
 
 def marker_dir(base_path: str, workflow_id: str) -> str:
@@ -81,19 +121,18 @@ def write_marker(directory: str, rank: int, outcome: RankOutcome) -> None:
     os.replace(tmp, path)
 
 
+def count_markers(directory: str) -> int:
+    """How many ranks left their done marker."""
+    try:
+        return sum(1 for name in os.listdir(directory) if name.endswith(".done"))
+    except FileNotFoundError:
+        return 0
+
+
 def wait_for_markers(directory: str, count: int, timeout_s: float) -> int:
-    """Poll (deadline-bounded) until ``count`` ranks are done; return how many were."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.002
-    while True:
-        try:
-            done = sum(1 for name in os.listdir(directory) if name.endswith(".done"))
-        except FileNotFoundError:
-            done = 0
-        if done >= count or time.monotonic() >= deadline:
-            return done
-        time.sleep(delay)  # polling a shared filesystem, bounded by the deadline
-        delay = min(delay * 2, 0.1)
+    """Wait (deadline-bounded) until ``count`` ranks are done; return how many were."""
+    poll_until(lambda: count_markers(directory) >= count, timeout_s)
+    return count_markers(directory)
 
 
 def _remove_markers(directory: str) -> None:
@@ -110,16 +149,21 @@ class RankLauncher:
 
     def __init__(self, options: LaunchOptions, env: Optional[Dict[str, str]] = None):
         self.options = options
+        self.started_at = time.time()
         self.env = os.environ if env is None else env
         self.placement: Placement = detect(self.env)
         self.rank = self.placement.rank or 0
         self.size = self.placement.world_size or 1
         self.local_rank = self.placement.local_rank if self.placement.local_rank is not None else self.rank
-        self.child: Optional[subprocess.Popen] = None
+        self.child_pid: Optional[int] = None
+        self.child_done = False
+        self.child_exited_at: Optional[float] = None
         self.pending_signals: List[int] = []
         self.received_signal: Optional[int] = None
-        self.daemon = None
+        self.daemon: Any = None
+        self.settings: Any = None
         self.base_path = ""
+        self.output_format = "jsonl"
         self.ids: Dict[str, str] = {}
 
     # -- environment -------------------------------------------------------------------------
@@ -165,112 +209,118 @@ class RankLauncher:
     # -- signals -----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: object) -> None:
         self.received_signal = signum
-        child = self.child
-        if child is None or child.returncode is not None:
+        if self.child_pid is None or self.child_done:
             self.pending_signals.append(signum)
             return
         try:
-            os.kill(child.pid, signum)
+            os.kill(self.child_pid, signum)
         except ProcessLookupError:
+            pass
+
+    def _on_child_signal(self, signum: int, frame: object) -> None:
+        """Note when the command ended, even while rank 0 is busy writing the workflow record.
+
+        ``WNOWAIT`` only looks: the child stays a zombie for ``wait4`` to collect its usage.
+        SIGCHLD also comes for the daemon and for helpers of the machine probe, hence the check.
+        """
+        if self.child_pid is None or self.child_exited_at is not None:
+            return
+        try:
+            if os.waitid(os.P_PID, self.child_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                self.child_exited_at = time.time()
+        except ChildProcessError:
             pass
 
     def _install_signal_handlers(self) -> None:
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGCHLD, self._on_child_signal)
 
     # -- the child ---------------------------------------------------------------------------
     def _start_child(self) -> RankOutcome:
-        outcome = RankOutcome(exit_code=0, started_at=time.time())
+        """posix_spawn (no copy of this interpreter's memory, no exec helper): the cheapest start."""
+        outcome = RankOutcome(started_at=time.time())
+        command = self.options.command
         try:
-            self.child = subprocess.Popen(self.options.command, env=dict(self.env))
+            self.child_pid = os.posix_spawnp(command[0], command, self.env)
         except OSError as error:  # not found, not executable: like a shell, 127/126
             outcome.exit_code = 127 if isinstance(error, FileNotFoundError) else 126
-            outcome.error = f"cannot run {self.options.command[0]!r}: {error}"
+            outcome.error = f"cannot run {command[0]!r}: {error}"
             outcome.ended_at = time.time()
             _say(outcome.error)
             return outcome
+        outcome.child_pid = self.child_pid
+        self._on_child_signal(signal.SIGCHLD, None)  # it may have ended before its pid was stored
         for signum in self.pending_signals:
-            os.kill(self.child.pid, signum)
+            os.kill(self.child_pid, signum)
         self.pending_signals.clear()
         return outcome
 
     def _wait_child(self, outcome: RankOutcome) -> None:
-        child = self.child
-        assert child is not None
-        while True:
-            try:
-                _, status, usage = os.wait4(child.pid, 0)
-                break
-            except ChildProcessError:  # reaped elsewhere: no usage to report
-                status, usage = 0, None
-                break
-        child.returncode = os.waitstatus_to_exitcode(status)
-        outcome.ended_at = time.time()
-        if child.returncode < 0:
-            outcome.signal = -child.returncode
+        """Block in wait4 (signal handlers run and forward meanwhile); keep the child's usage."""
+        assert self.child_pid is not None
+        try:
+            _, status, usage = os.wait4(self.child_pid, 0)
+        except ChildProcessError:  # reaped elsewhere: no usage to report
+            status, usage = 0, None
+        self.child_done = True
+        code = os.waitstatus_to_exitcode(status)
+        outcome.ended_at = self.child_exited_at or time.time()
+        if code < 0:
+            outcome.signal = -code
             outcome.exit_code = 128 + outcome.signal
         else:
-            outcome.exit_code = child.returncode
+            outcome.exit_code = code
         if usage is not None:
             outcome.user_cpu_s = usage.ru_utime
             outcome.sys_cpu_s = usage.ru_stime
             outcome.max_rss_bytes = usage.ru_maxrss * 1024  # kilobytes on Linux
 
-    # -- the rank's record -------------------------------------------------------------------
-    def _start_flowcept(self) -> object:
-        from flowcept.flowcept_api.flowcept_controller import Flowcept
-
-        reset_placement()
-        return Flowcept(workflow_name=self.options.workflow_name, workflow_id=self.ids["workflow_id"],
-                        campaign_id=self.ids["campaign_id"], bundle_exec_id=self.ids["bundle_exec_id"],
-                        workflow_subtype="flowcept-launch",
-                        workflow_args={"command": self.options.command, "world_size": self.size},
-                        save_workflow=self.rank == 0).start()
-
-    def _record_process(self, outcome: RankOutcome) -> None:
-        from flowcept.instrumentation.task_capture import FlowceptTask
-        from flowcept.records import Status
-
-        command = self.options.command
-        generated = {
-            "exit_code": outcome.exit_code,
-            "signal": outcome.signal,
-            "user_cpu_s": outcome.user_cpu_s,
-            "sys_cpu_s": outcome.sys_cpu_s,
-            "max_rss_bytes": outcome.max_rss_bytes,
-        }
-        failed = outcome.exit_code != 0 or outcome.signal is not None
-        FlowceptTask(activity_id=os.path.basename(command[0]) if command else "process",
-                     subtype="rank_process",
-                     used={"command": command, "cwd": os.getcwd(), "rank": self.rank,
-                           "world_size": self.size, "node_name": self.placement.node_name},
-                     started_at=outcome.started_at, ended_at=outcome.ended_at, generated=generated,
-                     stderr=outcome.error, status=Status.ERROR if failed else Status.FINISHED,
-                     custom_metadata={"launcher_pid": os.getpid()})
-
     # -- the whole rank ----------------------------------------------------------------------
     def run(self) -> int:
         """Run the command for this rank; return the exit code to leave with."""
+        trace("run")
         self._install_signal_handlers()
         self._prepare_environment()
-        from flowcept.launch.node_daemon import attach_node_daemon
-
-        self.daemon = attach_node_daemon(self, self.options.daemon)
-        outcome = self._start_child()
-        flowcept = None
+        trace(f"ids rank={self.rank} local={self.local_rank}")
         try:
-            flowcept = self._start_flowcept()  # while the child runs
+            from flowcept.launch.node_daemon import attach_node_daemon
+
+            self.daemon = attach_node_daemon(self, self.options.daemon)  # starts, never waits
+        except Exception as error:  # the command runs and its records go to files all the same
+            _say(f"no node daemon ({error}); each rank writes its own file")
+            self.env.pop("FLOWCEPT_DAEMON_ADDRESS", None)
+        trace("daemon planned")
+        outcome = self._start_child()
+        trace("child started")
+        workflow = None
+        try:
+            if self.daemon is not None:
+                self.daemon.join(self)  # the starter registers the workflow while the command runs
+            if self.rank == 0:
+                from flowcept.launch.rank_record import workflow_record
+
+                workflow = workflow_record(self)  # while the command runs
+                trace("workflow record")
         except Exception as error:
-            _say(f"provenance capture unavailable ({error}); running the command anyway")
-        if self.child is not None:
+            _say(f"provenance capture incomplete ({error}); running the command anyway")
+        if self.child_pid is not None:
             self._wait_child(outcome)
-        if flowcept is not None:
-            try:
-                self._record_process(outcome)
-                flowcept.stop()  # type: ignore[attr-defined]
-            except Exception as error:
-                _say(f"could not record rank {self.rank}'s process: {error}")
+        trace("child reaped")
+        try:
+            from flowcept.launch.rank_record import write_rank_file
+
+            write_rank_file(self, outcome, workflow)
+        except Exception as error:
+            _say(f"could not record rank {self.rank}'s process: {error}")
+        trace("rank file")
         self._finish(outcome)
+        if _TRACE:
+            import resource
+
+            me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+            trace(f"end cpu_self={me.ru_utime + me.ru_stime:.3f} cpu_children={kids.ru_utime + kids.ru_stime:.3f} "
+                  f"rss_self={me.ru_maxrss / 1024:.1f}MiB")
         return outcome.exit_code
 
     def _finish(self, outcome: RankOutcome) -> None:
@@ -280,6 +330,7 @@ class RankLauncher:
         interrupted = self.received_signal is not None
         if self.daemon is not None:
             self.daemon.goodbye(self, interrupted)
+        trace("goodbye")
         write_marker(markers, self.rank, outcome)
         if self.rank != 0:
             return
@@ -287,10 +338,9 @@ class RankLauncher:
         if interrupted:
             timeout = min(timeout, 3.0)  # a time limit's SIGKILL follows soon: do not start long work
         done = wait_for_markers(markers, self.size, timeout)
+        trace("all ranks done")
         if done < self.size:
             _say(f"{self.size - done} of {self.size} rank(s) did not finish within {timeout:g}s")
-        if self.daemon is not None:
-            self.daemon.wait_flushed(self, timeout)
         if not self.options.consolidate or done < self.size:
             _say(f"workflow {workflow_id}: not consolidated; run: flowcept consolidate --workflow-id "
                  f"{workflow_id} --path {self.base_path}")

@@ -1,25 +1,32 @@
-"""The node daemon's life under the launcher: started by local rank 0, awaited by the others.
+"""The node daemon's life under the launcher: started by local rank 0, never waited for up front.
 
 Every rank computes the same runtime directory (``flowcept.protocol.runtime_dir``: per user, per
-node, per launch). Local rank 0 starts ``python -m flowcept.daemon`` there; every rank waits
-(bounded by ``launch.ready_timeout_s``) for the daemon's ready file and then hands its address to
-the child and to its own records. No ready file in time, or no daemon available: the rank says so
-once on stderr and every record goes to per-process files instead (nothing is lost, consolidation
-merges both kinds).
+node name, per launch) and so the same ``ipc://`` address, which it hands to its command at once.
+Local rank 0 (the *starter*) spawns ``python -m flowcept.daemon`` there just before its own
+command; no rank waits for the daemon before its command runs. An application whose first batch
+comes before the daemon is bound waits (bounded) for the connection inside its daemon link, or
+spills to its per-process file: nothing is lost either way, consolidation merges both kinds.
 
-At the end each rank leaves a ``bye-<rank>`` file in the runtime directory after its records are
-flushed; local rank 0 waits (bounded) for all of its node's ranks, then sends SIGTERM (the daemon
-drains, flushes and exits 0) and waits for the exit. Only then does it write its own done marker,
-so global rank 0 never consolidates before every node's daemon has flushed.
+While its command runs, the starter waits (bounded by ``launch.ready_timeout_s``) for the
+daemon's ready file and registers the workflow with it, so the node's telemetry is recorded for
+the workflow even when the application itself is not instrumented. A daemon that never gets
+ready is stopped and reported once per node.
+
+At the end each rank leaves a ``bye-<rank>`` file in the runtime directory once its command has
+exited (its records are acknowledged or spilled by then); the starter waits (bounded) for all of
+its node's ranks, says goodbye to the daemon (which samples the node once more), sends SIGTERM
+(the daemon drains, flushes and exits 0) and waits for the exit. Only then does it write its own
+done marker, so global rank 0 never consolidates before every node's daemon has flushed.
+
+Everything node-local (runtime directory, socket, bye files) is keyed by node name and launch,
+never by a path or pid space the nodes may share.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from typing import Any, Dict, Mapping, Optional
@@ -27,9 +34,13 @@ from typing import Any, Dict, Mapping, Optional
 from flowcept import protocol
 
 _STOP_TIMEOUT_S = 20.0
+_PONG_TIMEOUT_S = 2.0
 # The launchers stop their daemon themselves; the idle exit only guards against an orphan, so it
 # waits long enough for a slow rank to register after a fast one said goodbye.
 _IDLE_GRACE_S = 5.0
+# Bye files older than this before the launcher started belong to an earlier launch that used the
+# same directory (same node, job and step: a requeued job that crashed); they are not counted.
+_STALE_S = 60.0
 
 
 def _say(message: str) -> None:
@@ -59,7 +70,9 @@ def local_size(env: Mapping[str, str], placement: Any) -> int:
 
 
 def daemon_available() -> Optional[str]:
-    """None when a node daemon can run here, else why not."""
+    """None when a node daemon can run here, else why not (every rank reaches the same verdict)."""
+    import importlib.util
+
     for module in ("zmq", "flowcept.daemon.server"):
         try:
             if importlib.util.find_spec(module) is None:
@@ -67,6 +80,12 @@ def daemon_available() -> Optional[str]:
         except (ImportError, ValueError) as error:
             return f"{module} cannot be imported ({error})"
     return None
+
+
+def _poll(ready: Any, timeout_s: float) -> bool:
+    from flowcept.launch.launcher import poll_until
+
+    return poll_until(ready, timeout_s)
 
 
 class NodeDaemon:
@@ -77,97 +96,204 @@ class NodeDaemon:
         self.env = env
         self.is_starter = is_starter
         self.local_ranks = local_ranks
-        self.process: Optional[subprocess.Popen] = None
-        self.address: Optional[str] = None
+        self.address = protocol.ipc_address(directory)
+        self.pid: Optional[int] = None
+        self.exit_status: Optional[int] = None
         self.ready: Optional[Dict[str, Any]] = None
+        self._socket: Any = None
+        self._context: Any = None
 
-    def start(self, launcher: Any) -> None:
-        """Local rank 0 only: start the daemon in the runtime directory, detached from our signals."""
+    # -- the starter ------------------------------------------------------------------------------
+    def spawn(self, launcher: Any) -> None:
+        """Start the daemon in the runtime directory; returns at once.
+
+        Its own session: a Ctrl-C meant for the application does not cut its flush short.
+        """
         protocol.make_private_dir(self.directory)
-        stale_files = [os.path.join(self.directory, name) for name in os.listdir(self.directory)
-                       if name.startswith("bye-")]
-        for stale in [protocol.ready_path(self.directory), protocol.socket_path(self.directory), *stale_files]:
+        # A previous daemon's files: its readiness and socket. Bye files are never removed here:
+        # the node's other ranks may already have finished (nobody waits for the daemon).
+        for path in (protocol.ready_path(self.directory), protocol.socket_path(self.directory)):
             try:
-                os.unlink(stale)
+                os.unlink(path)
             except FileNotFoundError:
                 pass
-        settings = launcher.settings
         command = [sys.executable, "-m", "flowcept.daemon", "--node", launcher.placement.node_name,
-                   "--output", launcher.base_path, "--exit-when-idle", "--idle-grace", str(_IDLE_GRACE_S)]
-        if settings["daemon.runtime_dir"]:
-            command += ["--runtime-dir", settings["daemon.runtime_dir"]]
+                   "--output", launcher.base_path, "--runtime-dir", self.directory, "--exit-when-idle",
+                   "--idle-grace", str(_IDLE_GRACE_S)]
         interval = launcher.options.telemetry_interval_s
         if interval is not None:
             command += ["--telemetry-interval", str(interval)]
-        log = open(os.path.join(self.directory, "daemon.log"), "ab")
+        log = os.path.join(self.directory, "daemon.log")
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                   (os.POSIX_SPAWN_DUP2, 1, 2)]
+        self.pid = os.posix_spawn(sys.executable, command, self.env, file_actions=actions, setsid=True)
+
+    def alive(self) -> bool:
+        """Reap the daemon if it exited (it is our child); True while it runs."""
+        if self.pid is None or self.exit_status is not None:
+            return False
         try:
-            # A new session: a Ctrl-C meant for the application does not cut the daemon's flush short.
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                            env=self.env, start_new_session=True)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            self.exit_status = -1
+            return False
+        if pid == 0:
+            return True
+        self.exit_status = os.waitstatus_to_exitcode(status)
+        return False
+
+    def _check_ready(self) -> bool:
+        if not self.alive():
+            return True  # nothing more to wait for
+        ready = protocol.read_ready(self.directory)
+        if ready is not None and ready.get("pid") in (None, self.pid):
+            self.ready = ready
+            return True
+        return False
+
+    def join(self, launcher: Any) -> None:
+        """Starter, while its command runs: wait (bounded) for readiness, then register the workflow."""
+        if not self.is_starter or self.pid is None:
+            return
+        timeout = launcher.settings["launch.ready_timeout_s"]
+        _poll(lambda: self._check_ready() or launcher.received_signal is not None, timeout)
+        if self.ready is None:
+            why = (f"exited with status {self.exit_status}" if self.exit_status is not None
+                   else f"not ready within {timeout:g}s")
+            _say(f"node daemon in {self.directory} {why} (log: {self.directory}/daemon.log); "
+                 f"the node's ranks write their own files")
+            self.stop()
+            return
+        from flowcept.launch.launcher import trace
+
+        trace("daemon ready")
+        try:
+            self._register(launcher)
+        except Exception as error:  # no telemetry for an uninstrumented command; records are unaffected
+            _say(f"could not register with the node daemon ({error})")
+            self._close_socket()
+
+    def _register(self, launcher: Any) -> None:
+        import zmq
+
+        self._context = zmq.Context()
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect((self.ready or {}).get("address") or self.address)
+        self._socket = sock
+        placement = launcher.placement
+        info = {"host": placement.hostname, "pid": os.getpid(), "rank": launcher.rank,
+                "local_rank": launcher.local_rank, "node": placement.node_name, "job": placement.job_id,
+                "step": placement.step_id, "base": launcher.base_path, "w": [launcher.ids["workflow_id"]]}
+        sock.send_multipart(protocol.encode_hello(info))
+
+    def _say_bye(self) -> None:
+        """Goodbye (the daemon samples the node for the workflow), then a ping.
+
+        The pong says the goodbye was handled before we ask the daemon to stop.
+        """
+        sock = self._socket
+        if sock is None:
+            return
+        try:
+            sock.send_multipart(protocol.encode_bye(pid=os.getpid()))
+            sock.send_multipart(protocol.encode_ping(1))
+            deadline = time.monotonic() + _PONG_TIMEOUT_S
+            while self.alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(int(min(remaining, 0.1) * 1000) + 1):
+                    if remaining <= 0:
+                        break
+                    continue
+                reply = protocol.decode(sock.recv_multipart(), 1 << 20, kinds=protocol.DAEMON_KINDS)
+                if reply.kind == "pong":
+                    break
+        except Exception as error:
+            _say(f"goodbye to the node daemon failed ({error})")
         finally:
-            log.close()
+            self._close_socket()
 
-    def wait_ready(self, timeout_s: float) -> bool:
-        """Poll for the ready file (deadline-bounded); False if it never came or the daemon died."""
-        deadline = time.monotonic() + timeout_s
-        delay = 0.002
-        while True:
-            ready = protocol.read_ready(self.directory)
-            if ready is not None and (not self.is_starter or self.process is None
-                                      or ready.get("pid") in (None, self.process.pid)):
-                self.ready = ready
-                self.address = ready.get("address") or protocol.ipc_address(self.directory)
-                return True
-            if self.process is not None and self.process.poll() is not None:
-                return False
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(delay)  # polling the daemon's ready file, bounded by the deadline
-            delay = min(delay * 2, 0.05)
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
 
+    # -- every rank -------------------------------------------------------------------------------
     def goodbye(self, launcher: Any, interrupted: bool) -> None:
-        """Say this rank is flushed; the starter then stops the daemon and waits."""
-        path = os.path.join(self.directory, f"bye-{launcher.rank}")
+        """Say this rank is flushed; the starter then stops the daemon and waits for its exit."""
         try:
-            with open(path, "w"):
+            protocol.make_private_dir(self.directory)  # this rank may have ended before the starter began
+            with open(os.path.join(self.directory, f"bye-{launcher.rank}"), "w"):
                 pass
         except OSError:
             pass
-        if not self.is_starter or self.process is None:
+        if not self.is_starter or self.pid is None:
             return
         timeout = min(launcher.settings["launch.finish_timeout_s"], 3.0 if interrupted else 1e9)
-        deadline = time.monotonic() + timeout
-        delay = 0.002
-        while self.process.poll() is None and time.monotonic() < deadline:
-            try:
-                byes = sum(1 for name in os.listdir(self.directory) if name.startswith("bye-"))
-            except OSError:
-                break
-            if byes >= self.local_ranks:
-                break
-            time.sleep(delay)  # polling for the node's ranks, bounded by the deadline
-            delay = min(delay * 2, 0.05)
+
+        since = launcher.started_at - _STALE_S
+
+        def node_done() -> bool:
+            return not self.alive() or self._byes(since) >= self.local_ranks
+
+        from flowcept.launch.launcher import trace
+
+        _poll(node_done, timeout)
+        trace("node ranks done")
+        self._say_bye()
+        trace("daemon said bye")
         self.stop()
+        trace("daemon stopped")
+        self._clean_up()
+
+    def _byes(self, since: float) -> int:
+        """How many of the node's ranks said goodbye (in this launch)."""
+        count = 0
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return self.local_ranks
+        for name in names:
+            if name.startswith("bye-"):
+                try:
+                    if os.stat(os.path.join(self.directory, name)).st_mtime >= since:
+                        count += 1
+                except FileNotFoundError:
+                    pass
+        return count
+
+    def _clean_up(self) -> None:
+        """The daemon is gone: remove the goodbyes and, when nothing else is left, the directory."""
+        try:
+            for name in os.listdir(self.directory):
+                path = os.path.join(self.directory, name)
+                if name.startswith("bye-") or (name == "daemon.log" and os.path.getsize(path) == 0):
+                    os.unlink(path)
+            os.rmdir(self.directory)
+        except OSError:
+            pass  # a non-empty log stays for the user to read
 
     def stop(self) -> None:
         """SIGTERM (drain, flush, exit 0), then wait for the exit, bounded; SIGKILL as a last resort."""
-        process = self.process
-        if process is None or process.poll() is not None:
+        self._close_socket()
+        if not self.alive():
             return
         try:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _say(f"node daemon (pid {process.pid}) did not exit within {_STOP_TIMEOUT_S:g}s; killing it")
-            process.kill()
-            process.wait(timeout=5)
-
-    def wait_flushed(self, launcher: Any, timeout_s: float) -> None:
-        """Nothing left to wait for: every node's starter stopped its daemon before its done marker."""
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        if not _poll(lambda: not self.alive(), _STOP_TIMEOUT_S):
+            _say(f"node daemon (pid {self.pid}) did not exit within {_STOP_TIMEOUT_S:g}s; killing it")
+            os.kill(self.pid, signal.SIGKILL)
+            _poll(lambda: not self.alive(), 5.0)
 
 
 def attach_node_daemon(launcher: Any, enabled: bool) -> Optional[NodeDaemon]:
-    """Start or join this node's daemon and export its address; None means per-process files."""
+    """Plan this node's daemon and export its address; the starter spawns it. None: per-process files."""
     env = launcher.env
     env.pop("FLOWCEPT_DAEMON_ADDRESS", None)
     if not enabled or env.get("FLOWCEPT_NO_DAEMON"):
@@ -182,22 +308,15 @@ def attach_node_daemon(launcher: Any, enabled: bool) -> Optional[NodeDaemon]:
     if protocol.job_key(daemon_env) == "nojob":
         # mpirun without a batch system: the daemon's directory is keyed by this launch instead.
         daemon_env["FLOWCEPT_JOB_ID"] = launch_key(launcher.placement, env) or f"pid{os.getpid()}"
-    directory = protocol.runtime_dir(launcher.settings["daemon.runtime_dir"], node=launcher.placement.node_name,
-                                     env=daemon_env)
-    daemon = NodeDaemon(directory, is_starter=launcher.local_rank == 0,
-                        local_ranks=local_size(env, launcher.placement), env=daemon_env)
     try:
+        directory = protocol.runtime_dir(launcher.settings["daemon.runtime_dir"],
+                                         node=launcher.placement.node_name, env=daemon_env)
+        daemon = NodeDaemon(directory, is_starter=launcher.local_rank == 0,
+                            local_ranks=local_size(env, launcher.placement), env=daemon_env)
         if daemon.is_starter:
-            daemon.start(launcher)
-        ok = daemon.wait_ready(launcher.settings["launch.ready_timeout_s"])
+            daemon.spawn(launcher)
     except (OSError, ValueError) as error:
         _say(f"node daemon unavailable ({error}); each rank writes its own file")
-        daemon.stop()
         return None
-    if not ok:
-        _say(f"node daemon in {directory} not ready within {launcher.settings['launch.ready_timeout_s']:g}s; "
-             f"each rank writes its own file")
-        daemon.stop()
-        return None
-    env["FLOWCEPT_DAEMON_ADDRESS"] = daemon.address or ""
+    env["FLOWCEPT_DAEMON_ADDRESS"] = daemon.address
     return daemon

@@ -404,9 +404,14 @@ def _clean_lines(wf_quoted: bytes, prefixes: Iterable[bytes] = ()) -> re.Pattern
 
     Possessive (no backtracking); ids of the given process prefixes (any when none are given).
     """
+    return re.compile(b"(?:" + _clean_line(wf_quoted, prefixes) + b")" + _STAR)
+
+
+def _clean_line(wf_quoted: bytes, prefixes: Iterable[bytes] = ()) -> bytes:
+    """One canonical task/telemetry line of exactly this workflow, newline included."""
     ids = b"(?:" + b"|".join(prefixes) + b")" if prefixes else rb"[0-9a-f]{16}"
-    return re.compile(rb'(?:\{"type":"(?:task","task_id|telemetry","telemetry_id)":"' + ids + rb'\.[0-9]{1,15}",'
-                      rb'"workflow_id":' + re.escape(wf_quoted) + rb'[,}][^\n]' + _STAR + rb'\n)' + _STAR)
+    return (rb'\{"type":"(?:task","task_id|telemetry","telemetry_id)":"' + ids + rb'\.[0-9]{1,15}",'
+            rb'"workflow_id":' + re.escape(wf_quoted) + rb'[,}][^\n]' + _STAR + rb'\n')
 
 
 class _CleanLines:
@@ -421,17 +426,20 @@ class _CleanLines:
     def __init__(self, wf_quoted: bytes):
         self.wf_quoted = wf_quoted
         self.any = _clean_lines(wf_quoted)
-        self.cache: Dict[frozenset, re.Pattern] = {}
+        self.cache: Dict[Tuple[frozenset, bool], re.Pattern] = {}
 
-    def known(self, prefixes: set) -> Optional[re.Pattern]:
+    def known(self, prefixes: set, whole_block: bool = False) -> Optional[re.Pattern]:
+        """A run of clean lines of these prefixes; ``whole_block``: one such line, for ``subn``."""
         if not prefixes or len(prefixes) > self._MAX_PREFIXES:
             return None
-        key = frozenset(prefixes)
+        key = (frozenset(prefixes), whole_block)
         pattern = self.cache.get(key)
         if pattern is None:
             if len(self.cache) > 256:
                 self.cache.clear()
-            pattern = self.cache[key] = _clean_lines(self.wf_quoted, sorted(key))
+            ordered = sorted(key[0])
+            pattern = self.cache[key] = (re.compile(_clean_line(self.wf_quoted, ordered)) if whole_block
+                                         else _clean_lines(self.wf_quoted, ordered))
         return pattern
 
 
@@ -481,7 +489,19 @@ def _scan_block(scan: _SourceScan, buf: bytearray, cut: int, base: int, line: in
     """Split ``buf[:cut]`` (whole lines) into clean and other spans; returns the number of lines."""
     pos = 0
     total = 0
+    tried_whole = False
     while pos < cut:
+        whole = None if tried_whole else patterns.known(scan.prefixes, whole_block=True)
+        if whole is not None:
+            # The common case in one C pass: every line left a clean line of a prefix this
+            # source is known to hold. Matches are contiguous from ``pos`` when nothing is left
+            # over, so each line matched from its first byte; the substitutions count the lines.
+            tried_whole = True
+            with memoryview(buf) as view:
+                left, lines = whole.subn(b"", view[pos:cut])
+            if not left:
+                scan.add(base + pos, base + cut, line + total, lines, True)
+                return total + lines
         known = patterns.known(scan.prefixes)
         end = known.match(buf, pos, cut).end() if known is not None else pos  # type: ignore[union-attr]
         if end == pos:  # a clean line of a prefix not seen yet in this source, or another line

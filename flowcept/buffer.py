@@ -1,12 +1,19 @@
-"""The in-process buffer: a bounded queue and one flusher thread that never hurts its host.
+"""The in-process buffer: per-workflow line lists and one flusher thread that never hurts its host.
 
-Capture appends plain dicts to a ``deque`` (atomic under the GIL, no lock on the hot path).
-The flusher thread wakes on size or on ``flush_interval_s``, serialises the batch with orjson
-and hands it to the transport. ``flush()`` is also called by ``stop()``, at interpreter exit,
-by multiprocessing's exit hooks in forked children, and by the SIGTERM/SIGINT handlers (which
-then chain to the application's handler or behave as the signal would). Past ``max_pending``
-queued records the capturing thread drains the queue itself, so memory stays bounded and
-nothing is dropped. No method raises into user code: problems are counted and logged.
+Capture serialises a record at once (a snapshot of its values) and appends the JSON line to
+the list of its workflow (``list.append`` is atomic under the GIL: no lock, no queue object,
+no tuple per record). The flusher thread wakes on size or on ``flush_interval_s``, takes
+what each list holds with one slice and one ``del`` (appends racing with it land after the
+cut and wait for the next drain), joins the lines and hands each workflow's payload to the
+transport: no per-record work at all on that side. ``flush()`` is also called by ``stop()``,
+at interpreter exit, by multiprocessing's exit hooks in forked children, and by the
+SIGTERM/SIGINT handlers (which then chain to the application's handler or behave as the
+signal would); they all reach every list, so nothing captured is pending anywhere else.
+Past ``max_pending`` queued records the capturing thread drains the lists itself, so memory
+stays bounded and nothing is dropped. No method raises into user code: problems are counted
+and logged.
+
+Records of one workflow keep their capture order in its file (one list per workflow).
 """
 
 from __future__ import annotations
@@ -17,13 +24,12 @@ import os
 import signal
 import sys
 import threading
-from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import orjson
 
 from flowcept import serialization
-from flowcept.serialization import _LINE_OPTIONS, _OPTIONS, _fallback
+from flowcept.serialization import _LINE_OPTIONS, _fallback
 
 _orjson_dumps = orjson.dumps
 
@@ -33,39 +39,58 @@ logger = logging.getLogger(__name__)
 # (fresh pages for the joined buffer); measured on the 2-core VM.
 _WRITE_BATCH = 4096
 
+# The capture fast path leaves out OPT_NON_STR_KEYS (it makes every dict ~25% slower to
+# serialise): a record with a non-string key fails there and takes the safe path
+# (``serialization.dumps_line``), which writes it exactly as before.
+FAST_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
 
 class RecordView:
-    """The records of this run, kept in memory (as JSON lines) up to a cap, for ``get_buffer()``.
+    """The records of this run, kept in memory up to a cap, for ``get_buffer()``.
 
-    Filled by the flusher (never the capturing thread). Once a workflow passes the cap its
-    view is marked incomplete and ``get_buffer()`` reads the workflow's files instead.
+    Lazy: it keeps the payloads the flusher already joined for the transport (a reference,
+    no copy, no object per record) and parses them only when ``get()`` is called. Filled by
+    the flusher (never the capturing thread). Once a workflow passes the cap its view is
+    marked incomplete and ``get_buffer()`` reads the workflow's files instead.
     """
 
     def __init__(self, cap: int):
         self.cap = cap
         self.size = 0
-        self.by_workflow: Dict[Optional[str], List[bytes]] = {}
+        self.by_workflow: Dict[Optional[str], List[Tuple[bytes, int]]] = {}
         self.overflowed: set = set()
 
     def add(self, workflow_id: Optional[str], lines: List[bytes]) -> None:
+        """Keep ``lines`` (JSON lines, with or without their newline)."""
+        if lines:
+            self.add_payload(workflow_id, b"\n".join(line.rstrip(b"\n") for line in lines) + b"\n", len(lines))
+
+    def add_payload(self, workflow_id: Optional[str], payload: bytes, count: int) -> None:
+        """Keep ``payload``: ``count`` newline-terminated JSON lines."""
         if workflow_id in self.overflowed:
             return
-        if self.size + len(lines) > self.cap:
+        if self.size + count > self.cap:
             self.overflowed.add(workflow_id)
-            self.size -= len(self.by_workflow.pop(workflow_id, ()))
+            self.size -= sum(n for _, n in self.by_workflow.pop(workflow_id, ()))
             return
-        self.by_workflow.setdefault(workflow_id, []).extend(lines)
-        self.size += len(lines)
+        chunks = self.by_workflow.get(workflow_id)
+        if chunks is None:
+            self.by_workflow[workflow_id] = chunks = []
+        chunks.append((payload, count))
+        self.size += count
 
     def get(self, workflow_id: Optional[str]) -> Optional[List[dict]]:
         """The records of a workflow, or None when the view overflowed for it."""
         if workflow_id in self.overflowed:
             return None
         loads = orjson.loads
-        return [loads(line) for line in self.by_workflow.get(workflow_id, ())]
+        out: List[dict] = []
+        for payload, _ in list(self.by_workflow.get(workflow_id, ())):
+            out.extend([loads(line) for line in payload.split(b"\n") if line])
+        return out
 
     def forget(self, workflow_id: Optional[str]) -> None:
-        self.size -= len(self.by_workflow.pop(workflow_id, ()))
+        self.size -= sum(n for _, n in self.by_workflow.pop(workflow_id, ()))
         self.overflowed.discard(workflow_id)
 
 
@@ -78,24 +103,37 @@ class Pipeline:
         self.flush_interval_s = flush_interval_s
         self.flush_size = max(1, flush_size)
         self.max_pending = max(self.flush_size, max_pending)
-        self.queue: deque = deque()
+        # workflow id -> its list of serialised lines. Capture appends (any thread); only the
+        # holder of _drain_lock removes, from the front. Entries are never removed (a finished
+        # workflow's list stays empty), so a list captured by a RunState stays the live one.
+        self.lists: Dict[Optional[str], List[bytes]] = {}
         self.view = RecordView(view_cap)
         self.records_serialized = 0
         self.flush_errors = 0
         self._drain_lock = threading.RLock()
+        self._lists_lock = threading.Lock()
         self._wake = threading.Event()
-        self._woken = False  # set by append() when it woke the flusher; reset by the flusher
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.pid = os.getpid()
         self._start_thread()
 
     # -- hot path -----------------------------------------------------------------------------
+    def lines_for(self, workflow_id: Optional[str]) -> List[bytes]:
+        """The list the lines of ``workflow_id`` are appended to (created once, kept)."""
+        lines = self.lists.get(workflow_id)
+        if lines is None:
+            with self._lists_lock:
+                lines = self.lists.get(workflow_id)
+                if lines is None:
+                    lines = self.lists[workflow_id] = []
+        return lines
+
     def append(self, record: dict) -> None:
         """Serialise one record and queue the line; called from any application thread.
 
         Serialising here, rather than in the flusher, snapshots the values at capture time and
-        leaves only bytes in the queue: no dict outlives its task, so a long queue costs neither
+        leaves only bytes in the lists: no dict outlives its task, so a long queue costs neither
         GC passes nor the ~1 KB a dict holds, and the flusher only joins and writes.
         """
         try:
@@ -105,46 +143,47 @@ class Pipeline:
         else:
             if len(line) > serialization.max_value_bytes:
                 line = serialization.dumps_line(record)
-        queue = self.queue
-        queue.append((record.get("workflow_id"), line))
-        if len(queue) >= self.flush_size:
-            self._full()
+        lines = self.lists.get(record.get("workflow_id"))
+        if lines is None:
+            lines = self.lines_for(record.get("workflow_id"))
+        lines.append(line)
+        if not len(lines) % self.flush_size:
+            self.full(lines)
 
     def append_parts(self, record: dict, suffix: bytes, rest: dict, workflow_id: Optional[str]) -> None:
-        """Queue ``record`` + ``rest`` as one line, serialising only ``record`` (the capture hot path).
+        """Queue ``record`` + ``rest`` as one line, serialising only ``record``.
 
         ``suffix`` is ``rest`` already serialised (see :func:`flowcept.capture.constant_suffix`):
         ``,"k":v,...}`` and a newline. The fields a run or a loop keeps constant (campaign id,
         placement, ...) are thus serialised once per run, not once per task. ``record``
-        must be non-empty and share no key with ``rest``. A record the fast path cannot take
-        (a value orjson refuses, an oversized value) goes the safe way, whole.
+        must be non-empty and share no key with ``rest``. The capture hot paths inline this
+        (see :func:`splice_line`); this method is their slow path and the general entry.
         """
-        try:
-            body = _orjson_dumps(record, default=_fallback, option=_OPTIONS)
-        except Exception:
-            body = None
-        if body is None or len(body) > serialization.max_value_bytes:
-            line = serialization.dumps_line({**record, **rest})
-        else:
-            line = body[:-1] + suffix
-        queue = self.queue
-        queue.append((workflow_id, line))
-        if len(queue) >= self.flush_size:
-            self._full()
+        lines = self.lists.get(workflow_id)
+        if lines is None:
+            lines = self.lines_for(workflow_id)
+        lines.append(splice_line(record, suffix, rest))
+        if not len(lines) % self.flush_size:
+            self.full(lines)
 
-    def _full(self) -> None:
-        """The queue reached flush_size: wake the flusher once, or drain here past max_pending."""
-        if len(self.queue) >= self.max_pending:
+    def full(self, lines: List[bytes]) -> None:
+        """A list reached a multiple of flush_size: wake the flusher, or drain here past max_pending.
+
+        Capture calls this when ``len(lines) % flush_size == 0`` only: once per batch, not on
+        every append until the flusher gets the GIL (Event.set() takes a lock, ~1 µs).
+        """
+        if len(lines) >= self.max_pending:
             self.drain()  # back-pressure: bounded memory, nothing dropped
-        elif not self._woken:
-            # Event.set() takes a lock (~1 µs): once per batch, not on every append until the
-            # flusher gets the GIL.
-            self._woken = True
+        else:
             self._wake.set()
 
     def append_line(self, workflow_id: Optional[str], line: bytes) -> None:
         """Queue an already serialised JSON line (ending in a newline)."""
-        self.queue.append((workflow_id, line))
+        self.lines_for(workflow_id).append(line)
+
+    def pending(self) -> int:
+        """Records captured and not yet handed to the transport."""
+        return sum(len(lines) for lines in list(self.lists.values()))
 
     # -- flusher ------------------------------------------------------------------------------
     def _start_thread(self) -> None:
@@ -156,41 +195,40 @@ class Pipeline:
         while not stopping.is_set():
             wake.wait(self.flush_interval_s)
             wake.clear()
-            self._woken = False
             self.drain()
+            background = getattr(self.transport, "background", None)
+            if background is not None:
+                try:
+                    background()  # e.g. the file transport's periodic data sync
+                except Exception:
+                    logger.exception("flowcept transport background work failed")
 
     def drain(self) -> int:
-        """Serialise and hand over everything queued; returns the number of records moved."""
+        """Hand everything queued to the transport; returns the number of records moved."""
         moved = 0
         with self._drain_lock:
-            queue = self.queue
-            while queue:
-                batch = []
-                popleft = queue.popleft
-                try:
-                    for _ in range(min(len(queue), _WRITE_BATCH)):
-                        batch.append(popleft())
-                except IndexError:  # pragma: no cover - only this lock's holder pops
-                    pass
-                moved += len(batch)
-                self._send(batch)
+            for workflow_id, lines in list(self.lists.items()):
+                count = len(lines)
+                if not count:
+                    continue
+                taken = lines[:count]
+                del lines[:count]  # appends that raced with us are past `count`: kept
+                moved += count
+                for start in range(0, count, _WRITE_BATCH):
+                    batch = taken[start:start + _WRITE_BATCH] if count > _WRITE_BATCH else taken
+                    self._send(workflow_id, batch)
         return moved
 
-    def _send(self, batch: List[Tuple[Optional[str], bytes]]) -> None:
-        groups: Dict[Optional[str], List[bytes]] = {}
-        for workflow_id, line in batch:
-            group = groups.get(workflow_id)
-            if group is None:
-                groups[workflow_id] = group = []
-            group.append(line)
-        for workflow_id, lines in groups.items():
-            try:
-                self.records_serialized += len(lines)
-                self.transport.send(workflow_id, b"".join(lines), len(lines))
-                self.view.add(workflow_id, lines)
-            except Exception:  # never into the application; count and log
-                self.flush_errors += 1
-                logger.exception("flowcept could not flush %d records", len(lines))
+    def _send(self, workflow_id: Optional[str], batch: List[bytes]) -> None:
+        count = len(batch)
+        try:
+            payload = b"".join(batch)
+            self.records_serialized += count
+            self.transport.send(workflow_id, payload, count)
+            self.view.add_payload(workflow_id, payload, count)
+        except Exception:  # never into the application; count and log
+            self.flush_errors += 1
+            logger.exception("flowcept could not flush %d records", count)
 
     def flush(self, durable: bool = False) -> None:
         """Write everything queued now (called by stop(), at exit, on signals)."""
@@ -221,7 +259,7 @@ class Pipeline:
             logger.exception("flowcept could not close its transport")
 
     def counters(self) -> Dict[str, int]:
-        out = {"queued": len(self.queue), "serialized": self.records_serialized,
+        out = {"queued": self.pending(), "serialized": self.records_serialized,
                "flush_errors": self.flush_errors}
         for name in ("records_written", "records_failed", "records_dropped", "records_spilled",
                      "records_acked"):
@@ -229,6 +267,21 @@ class Pipeline:
             if value is not None:
                 out[name.replace("records_", "")] = value
         return out
+
+
+def splice_line(record: dict, suffix: bytes, rest: dict) -> bytes:
+    """``record`` + ``rest`` as one JSON line, serialising only ``record`` (``suffix`` is ``rest``'s JSON tail).
+
+    A record the fast path cannot take (a value orjson refuses, a non-string key, an
+    oversized value) goes the safe way, whole.
+    """
+    try:
+        body = _orjson_dumps(record, default=_fallback, option=FAST_OPTIONS)
+    except Exception:
+        return serialization.dumps_line({**record, **rest})
+    if len(body) > serialization.max_value_bytes:
+        return serialization.dumps_line({**record, **rest})
+    return body[:-1] + suffix
 
 
 # -- the process-wide pipeline ------------------------------------------------------------------
@@ -280,7 +333,7 @@ def flush_pipeline(durable: bool = False) -> None:
 def _after_fork_in_child() -> None:
     """A child must never write the parent's queued records nor use its descriptors or threads.
 
-    The parent's pipeline is dropped (its queue cleared, its transport abandoned); capture is
+    The parent's pipeline is dropped (its lists cleared, its transport abandoned); capture is
     re-pointed at :func:`_append_in_child`, which builds this process's own pipeline (own file,
     own flusher, own exit hooks) on the child's first record, so a child that only execs pays
     nothing. The placement fields capture copies into every record get the child's pid.
@@ -291,7 +344,9 @@ def _after_fork_in_child() -> None:
     _pipeline = None
     _exit_hooks_pid = None
     if old is not None:
-        old.queue.clear()
+        for lines in list(old.lists.values()):
+            lines.clear()
+        old.lists.clear()
         abandon = getattr(old.transport, "abandon", None)
         if abandon is not None:
             try:

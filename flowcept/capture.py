@@ -5,8 +5,9 @@ one module global and a few attributes, nothing else. The parent task is a ``Con
 threads and asyncio tasks each see their own.
 
 A published state also carries the run's constant task fields (campaign id, placement)
-already serialised (``suffix``), so capture serialises only what varies per task
-and the pipeline splices the two (``splice``, see ``Pipeline.append_parts``).
+already serialised (``suffix``), so capture serialises only what varies per task and
+splices the two (``splice``, see ``Pipeline.append_parts``; the hot paths inline it and
+append to ``lines``, the run's workflow list in the pipeline).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class RunState:
     """A snapshot of the active run; immutable once published."""
 
     __slots__ = ("capturing", "workflow_id", "campaign_id", "workflow_name", "append", "base",
-                 "telemetry", "settings", "splice", "rest", "suffix")
+                 "telemetry", "settings", "splice", "rest", "suffix", "pipeline", "lines", "flush_size",
+                 "limit")
 
     def __init__(self, capturing: bool = False, workflow_id: Optional[str] = None,
                  campaign_id: Optional[str] = None, workflow_name: Optional[str] = None,
@@ -48,6 +50,17 @@ class RunState:
         self.suffix = constant_suffix(self.rest)
         owner = getattr(append, "__self__", None)
         self.splice = getattr(owner, "append_parts", None) if capturing else None
+        # The hot paths append spliced lines straight to this run's workflow list (see
+        # ``flowcept.buffer``) and tell ``pipeline.full`` when it reaches a multiple of
+        # ``flush_size``; ``lines`` is None when they must go through ``append``.
+        self.pipeline = owner if self.splice is not None else None
+        self.lines = owner.lines_for(workflow_id) if self.pipeline is not None else None
+        self.flush_size = owner.flush_size if self.pipeline is not None else 1
+        self.limit = 0
+        if self.pipeline is not None:
+            from flowcept import serialization
+
+            self.limit = serialization.max_value_bytes
 
 
 def constant_suffix(fields: Dict[str, Any]) -> bytes:

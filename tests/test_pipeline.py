@@ -136,6 +136,6 @@ def test_back_pressure_bounds_the_queue(monkeypatch):
         peak = 0
         for i in range(2000):
             FlowceptTask(activity_id="bp", used={"i": i}, generated={"i": i})
-            peak = max(peak, len(get_pipeline().queue))
+            peak = max(peak, get_pipeline().pending())
     assert peak <= 100
     assert len(tasks_of(Flowcept.read_buffer_file(fc.output_path))) == 2000

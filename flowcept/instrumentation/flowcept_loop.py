@@ -12,7 +12,7 @@ left by ``break``/``return`` or the iterator was closed (normal control flow). T
 (1.0.3) sends no record at all for an interrupted iteration and marks every sent one FINISHED.
 
 Per iteration only the task id, times and ``used`` are serialised; the fields all iterations
-of a loop share are serialised once per loop and spliced in (``Pipeline.append_parts``).
+of a loop share are serialised once per loop and spliced in (``Pipeline.append_parts``, inlined).
 """
 
 from __future__ import annotations
@@ -23,11 +23,16 @@ from collections.abc import Iterator
 from time import time
 from typing import Any, Dict, Optional, Sized, Union
 
+import orjson
+
 from flowcept import capture
+from flowcept.buffer import FAST_OPTIONS, splice_line
 from flowcept.capture import current_task_id
 from flowcept.ids import id_factory
+from flowcept.serialization import _fallback
 
 _ids = id_factory()
+_dumps = orjson.dumps
 
 __all__ = ["FlowceptLoop", "FlowceptLightweightLoop"]
 
@@ -104,7 +109,9 @@ class FlowceptLoop:
     def _instrumented(self):
         run = capture.state
         append = run.append
-        splice = run.splice
+        pipeline = run.pipeline
+        lines = pipeline.lines_for(self.workflow_id) if pipeline is not None else None
+        flush_size, limit = run.flush_size, run.limit
         telemetry = run.telemetry if self._per_iteration_telemetry else None
         workflow_id = self.workflow_id
         loop_id = self._loop_id
@@ -134,8 +141,18 @@ class FlowceptLoop:
                 record["ended_at"] = started_at
                 if telemetry is not None:
                     record["telemetry_at_end"] = telemetry.capture()
-                if splice is not None:
-                    splice(record, suffix, rest, workflow_id)
+                if lines is not None:
+                    # Pipeline.append_parts, inlined (see flowcept.buffer).
+                    try:
+                        body = _dumps(record, default=_fallback, option=FAST_OPTIONS)
+                    except Exception:
+                        body = None
+                    if body is not None and len(body) <= limit:
+                        lines.append(body[:-1] + suffix)
+                    else:
+                        lines.append(splice_line(record, suffix, rest))
+                    if not len(lines) % flush_size:
+                        pipeline.full(lines)
                 else:
                     append({**record, **rest})
                 record = None

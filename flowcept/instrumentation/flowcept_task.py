@@ -8,12 +8,17 @@ import sys
 from time import time
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
+import orjson
+
 from flowcept import capture
+from flowcept.buffer import FAST_OPTIONS, splice_line
 from flowcept.capture import current_task_id
 from flowcept.ids import id_factory
 from flowcept.instrumentation.task_capture import FlowceptTask, _error_text, full_record
+from flowcept.serialization import _fallback
 
 _ids = id_factory()
+_dumps = orjson.dumps
 
 __all__ = ["flowcept_task", "FlowceptTask", "default_args_handler"]
 
@@ -165,7 +170,7 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                 record["telemetry_at_end"] = telemetry.capture()
             if splice is not None and capture.state is run:
                 splice(record, run.suffix, run.rest, record["workflow_id"])
-            else:  # the run changed during the call, or the call overrides a constant field
+            else:  # the run changed during the call, the call overrides a constant field, no pipeline
                 capture.state.append(full_record(record, run))
 
         if inspect.iscoroutinefunction(function):
@@ -190,8 +195,8 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
             @functools.wraps(function)
             def fast_wrapper(*args: Any, **kwargs: Any) -> Any:
                 run = capture.state
-                splice = run.splice
-                if splice is None or run.telemetry is not None:
+                lines = run.lines
+                if lines is None or run.telemetry is not None:
                     return wrapper(*args, **kwargs)
                 used = bind(args, kwargs)
                 if "workflow_id" in used or "campaign_id" in used:
@@ -204,7 +209,7 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                 try:
                     result = function(*args, **kwargs)
                 except BaseException as error:
-                    finish(record, token, None, splice, run, None, error)
+                    finish(record, token, None, run.splice, run, None, error)
                     raise
                 try:
                     current_task_id.reset(token)
@@ -215,7 +220,17 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                 if result is not None:
                     record["generated"] = result if type(result) is dict else _generated(result, output_names)
                 if capture.state is run:
-                    splice(record, run.suffix, run.rest, run.workflow_id)
+                    # Pipeline.append_parts, inlined (see flowcept.buffer).
+                    try:
+                        body = _dumps(record, default=_fallback, option=FAST_OPTIONS)
+                    except Exception:
+                        body = None
+                    if body is not None and len(body) <= run.limit:
+                        lines.append(body[:-1] + run.suffix)
+                    else:
+                        lines.append(splice_line(record, run.suffix, run.rest))
+                    if not len(lines) % run.flush_size:
+                        run.pipeline.full(lines)
                 else:
                     capture.state.append(full_record(record, run))
                 return result

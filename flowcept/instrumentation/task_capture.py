@@ -5,15 +5,20 @@ from __future__ import annotations
 from time import time
 from typing import Any, Dict, List, Optional
 
+import orjson
+
 from flowcept import capture
+from flowcept.buffer import FAST_OPTIONS, splice_line
 from flowcept.capture import current_task_id
 from flowcept.ids import id_factory
 from flowcept.records import Status
+from flowcept.serialization import _fallback
 
 _ids = id_factory()
 _FINISHED = Status.FINISHED.value
 _ERROR = Status.ERROR.value
 _FINISHED_STATUS = Status.FINISHED  # identity check: Enum .value costs ~0.2 µs on the hot path
+_dumps = orjson.dumps
 
 
 def _status_text(status: Any) -> Any:
@@ -31,10 +36,10 @@ class FlowceptTask:
 
     The record holds only what varies per task; the run's constant fields (campaign id,
     placement) are serialised once per run and spliced in when the task is sent
-    (``Pipeline.append_parts``). ``to_dict()`` returns the whole record.
+    (``Pipeline.append_parts``, inlined in ``end``). ``to_dict()`` returns the whole record.
     """
 
-    __slots__ = ("_record", "_ended", "_token", "_telemetry", "_run", "_splice")
+    __slots__ = ("_record", "_ended", "_token", "_telemetry", "_run", "_lines")
 
     def __init__(self, task_id: Optional[str] = None, workflow_id: Optional[str] = None,
                  campaign_id: Optional[str] = None, activity_id: Optional[str] = None,
@@ -53,7 +58,7 @@ class FlowceptTask:
             self._ended = True
             self._telemetry = None
             self._run = None
-            self._splice = None
+            self._lines = None
             return
         # type, task_id, workflow_id lead every task line (consolidation relies on it).
         self._record = record = {
@@ -65,7 +70,8 @@ class FlowceptTask:
             "parent_task_id": parent_task_id or current_task_id.get(),
         }
         self._run = run
-        self._splice = run.splice
+        # Lines go straight to the run's workflow list, unless the task names another workflow.
+        self._lines = run.lines if workflow_id is None or workflow_id == run.workflow_id else None
         self._ended = False
         if used is not None:
             record["used"] = used
@@ -91,7 +97,7 @@ class FlowceptTask:
                     record["campaign_id"] = campaign_id
                 if hostname is not None:
                     record["hostname"] = hostname
-                self._splice = None
+                self._lines = None
         if capture_telemetry is None:
             telemetry = run.telemetry
         elif capture_telemetry:
@@ -157,9 +163,20 @@ class FlowceptTask:
         if self._telemetry is not None:
             record["telemetry_at_end"] = self._telemetry.capture()
         run = self._run
-        if self._splice is not None and capture.state is run:
-            self._splice(record, run.suffix, run.rest, record["workflow_id"])
-        else:  # the run changed since the task began, or a field overrides a constant one
+        lines = self._lines
+        if lines is not None and capture.state is run:
+            # Pipeline.append_parts, inlined: serialise what varies, splice the run's constant tail.
+            try:
+                body = _dumps(record, default=_fallback, option=FAST_OPTIONS)
+            except Exception:
+                body = None
+            if body is not None and len(body) <= run.limit:
+                lines.append(body[:-1] + run.suffix)
+            else:
+                lines.append(splice_line(record, run.suffix, run.rest))
+            if not len(lines) % run.flush_size:
+                run.pipeline.full(lines)
+        else:  # the run changed since the task began, a field overrides a constant one, no pipeline
             capture.state.append(self.to_dict())
 
     def send(self) -> None:

@@ -386,6 +386,35 @@ def test_exit_when_idle_after_every_goodbye(start_daemon, buffer_base: str) -> N
     assert consolidated_numbers(buffer_base, "wf-idle") == list(range(50))
 
 
+def test_batch_with_wrong_line_count_is_refused_and_kept_by_the_client(start_daemon, buffer_base: str) -> None:
+    """The writer counts lines before writing: a mismatch is never written, the client spills it."""
+    from flowcept.daemon_link import DaemonLink
+    from flowcept.transport import FileTransport
+
+    daemon = start_daemon("--no-telemetry")
+
+    def lines(start: int, n: int) -> bytes:
+        return b"".join(orjson.dumps({"type": "task", "task_id": f"t{i}", "workflow_id": "wf-count",
+                                      "activity_id": "numbered", "used": {"i": i}}) + b"\n"
+                        for i in range(start, start + n))
+
+    link = DaemonLink(daemon.address, fallback=FileTransport(buffer_base, "host"), ack_timeout_s=10)
+    try:
+        link.send("wf-count", lines(0, 2), 2)
+        link.send("wf-count", lines(2, 400), 401)  # says 401, holds 400 (large: counted in bulk)
+        link.send("wf-count", lines(402, 3), 3)
+        link.flush(durable=True)
+        assert link.batches_nacked == 1 and link.records_acked == 5 and link.records_spilled == 401
+    finally:
+        link.close()
+    counters = daemon.counters()
+    assert counters["rejected_by_reason"]["payload"] == 1 and counters["rejected"] == 1
+    assert counters["written"] == 5 and counters["received"] == 5
+    [path] = node_files(buffer_base, "wf-count")
+    assert [r["used"]["i"] for r in read_lines(path)] == [0, 1, 402, 403, 404]
+    assert consolidated_numbers(buffer_base, "wf-count") == list(range(405))
+
+
 def test_link_without_daemon_writes_the_per_process_file(buffer_base: str, tmp_path: Path) -> None:
     from flowcept.daemon_link import DaemonLink, ping
     from flowcept.transport import FileTransport

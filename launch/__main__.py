@@ -130,8 +130,19 @@ def parse_args(argv: Optional[List[str]] = None) -> LaunchOptions:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``flowcept-launch`` console script; returns the command's exit code."""
-    options = parse_args(argv)
+    """Entry point of the ``flowcept-launch`` console script: exits with the command's code.
+
+    Called with ``argv`` (from Python) it returns the code instead; from the command line
+    (``argv`` None) it leaves through :func:`exit_now`, skipping the interpreter's teardown.
+    """
+    code = run(parse_args(argv))
+    if argv is None:
+        exit_now(code)
+    return code
+
+
+def run(options: LaunchOptions) -> int:
+    """Run one rank; the command's exit code (1 for the launcher's own errors)."""
     from flowcept.launch.launcher import RankLauncher
 
     try:
@@ -143,5 +154,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
+def exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown (tens of ms with zmq, psutil and the rest loaded).
+
+    Everything the launcher writes is closed or renamed by then; only the standard streams and
+    logging handlers can still hold data, and they are flushed first.
+    """
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    import os
+
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -284,9 +284,12 @@ class RankLauncher:
         self._prepare_environment()
         trace(f"ids rank={self.rank} local={self.local_rank}")
         try:
-            from flowcept.launch.node_daemon import attach_node_daemon
+            if self.options.daemon:
+                from flowcept.launch.node_daemon import attach_node_daemon
 
-            self.daemon = attach_node_daemon(self, self.options.daemon)  # starts, never waits
+                self.daemon = attach_node_daemon(self, True)  # starts, never waits
+            else:
+                self.env.pop("FLOWCEPT_DAEMON_ADDRESS", None)
         except Exception as error:  # the command runs and its records go to files all the same
             _say(f"no node daemon ({error}); each rank writes its own file")
             self.env.pop("FLOWCEPT_DAEMON_ADDRESS", None)
@@ -295,13 +298,15 @@ class RankLauncher:
         trace("child started")
         workflow = None
         try:
-            if self.daemon is not None:
-                self.daemon.join(self)  # the starter registers the workflow while the command runs
-            if self.rank == 0:
+            if self.rank == 0:  # while the command runs (and the daemon starts)
                 from flowcept.launch.rank_record import workflow_record
 
-                workflow = workflow_record(self)  # while the command runs
+                workflow = workflow_record(self)
+                if self.options.consolidate:
+                    import flowcept.consolidation  # noqa: F401 - loaded now, not at the end of the job
                 trace("workflow record")
+            if self.daemon is not None:
+                self.daemon.join(self)  # the starter registers the workflow while the command runs
         except Exception as error:
             _say(f"provenance capture incomplete ({error}); running the command anyway")
         if self.child_pid is not None:

@@ -1,11 +1,12 @@
-"""The node daemon's life under the launcher: started by local rank 0, never waited for up front.
+"""The node daemon's life under the launcher: started by the node's first rank, never waited for.
 
 Every rank computes the same runtime directory (``flowcept.protocol.runtime_dir``: per user, per
 node name, per launch) and so the same ``ipc://`` address, which it hands to its command at once.
-Local rank 0 (the *starter*) spawns ``python -m flowcept.daemon`` there just before its own
-command; no rank waits for the daemon before its command runs. An application whose first batch
-comes before the daemon is bound waits (bounded) for the connection inside its daemon link, or
-spills to its per-process file: nothing is lost either way, consolidation merges both kinds.
+The first rank of the node to get there (the *starter*, elected by an exclusive ``flock`` on a
+file in that directory) spawns ``python -m flowcept.daemon`` there just before its own command;
+no rank waits for the daemon before its command runs. An application whose first batch comes
+before the daemon is bound waits (bounded) for the connection inside its daemon link, or spills
+to its per-process file: nothing is lost either way, consolidation merges both kinds.
 
 While its command runs, the starter waits (bounded by ``launch.ready_timeout_s``) for the
 daemon's ready file and registers the workflow with it, so the node's telemetry is recorded for
@@ -102,8 +103,30 @@ class NodeDaemon:
         self.ready: Optional[Dict[str, Any]] = None
         self._socket: Any = None
         self._context: Any = None
+        self._leader_fd: Optional[int] = None
 
     # -- the starter ------------------------------------------------------------------------------
+    def elect(self) -> bool:
+        """Become the node's starter if no rank of this launch is: the first to lock ``leader``.
+
+        The first rank to get here wins (not local rank 0: ranks start one after another, and
+        whoever is first starts the daemon soonest). The lock is held until this launcher exits
+        (a lock of a dead launcher is free again); the directory is per node, so ranks of other
+        nodes never compete even when /tmp is shared.
+        """
+        import fcntl
+
+        protocol.make_private_dir(self.directory)
+        fd = os.open(os.path.join(self.directory, "leader"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._leader_fd = fd
+        self.is_starter = True
+        return True
+
     def spawn(self, launcher: Any) -> None:
         """Start the daemon in the runtime directory; returns at once.
 
@@ -157,6 +180,8 @@ class NodeDaemon:
         if not self.is_starter or self.pid is None:
             return
         timeout = launcher.settings["launch.ready_timeout_s"]
+        import zmq  # noqa: F401 - loaded while the daemon starts, not after
+
         _poll(lambda: self._check_ready() or launcher.received_signal is not None, timeout)
         if self.ready is None:
             why = (f"exited with status {self.exit_status}" if self.exit_status is not None
@@ -271,7 +296,8 @@ class NodeDaemon:
         try:
             for name in os.listdir(self.directory):
                 path = os.path.join(self.directory, name)
-                if name.startswith("bye-") or (name == "daemon.log" and os.path.getsize(path) == 0):
+                if name.startswith("bye-") or name == "leader" or (name == "daemon.log"
+                                                                   and os.path.getsize(path) == 0):
                     os.unlink(path)
             os.rmdir(self.directory)
         except OSError:
@@ -311,9 +337,9 @@ def attach_node_daemon(launcher: Any, enabled: bool) -> Optional[NodeDaemon]:
     try:
         directory = protocol.runtime_dir(launcher.settings["daemon.runtime_dir"],
                                          node=launcher.placement.node_name, env=daemon_env)
-        daemon = NodeDaemon(directory, is_starter=launcher.local_rank == 0,
-                            local_ranks=local_size(env, launcher.placement), env=daemon_env)
-        if daemon.is_starter:
+        daemon = NodeDaemon(directory, is_starter=False, local_ranks=local_size(env, launcher.placement),
+                            env=daemon_env)
+        if daemon.elect():
             daemon.spawn(launcher)
     except (OSError, ValueError) as error:
         _say(f"node daemon unavailable ({error}); each rank writes its own file")

@@ -233,8 +233,7 @@ class _GroupWriter:
                 array = np.array([_number(v) for v in column], dtype=np.float64)
             app.append(name, array, np.float64, fill=math.nan)
         for name in INT_COLUMNS:
-            app.append(name, np.array([v if type(v) is int else -1 for v in columns[name]], dtype=np.int64),
-                       np.int64, fill=-1)
+            app.append(name, _int_column(np, columns[name]), np.int64, fill=-1)
 
     def _telemetry(self, app: _Appender, records: List[dict]) -> None:
         np = self.np
@@ -327,10 +326,26 @@ def _columns(records: List[dict], names: Tuple[str, ...]) -> Dict[str, Sequence[
     return columns
 
 
+def _int_column(np: Any, values: Sequence[Any]) -> Any:
+    """int64 values, -1 for anything that is not an int (None, floats, text, booleans)."""
+    return np.array([v if type(v) is int and -2**63 <= v < 2**63 else -1 for v in values], dtype=np.int64)
+
+
 def _text_column(np: Any, values: Sequence[Any]) -> Any:
     """A numpy ``S`` array of UTF-8 text ("" for None); numpy encodes ASCII text in C."""
     if not len(values):
         return np.array([], dtype="S1")
+    try:
+        distinct = set(values)
+        if len(distinct) == 1:  # common (one host, one activity...): no conversion per value
+            value = distinct.pop()
+            if value is None:
+                return np.full(len(values), b"", dtype="S1")
+            if type(value) is str:
+                encoded = value.encode("utf-8", "surrogatepass")
+                return np.full(len(values), encoded, dtype=f"S{max(1, len(encoded))}")
+    except TypeError:  # unhashable values (lists, dicts): the per-value path
+        pass
     try:
         array = np.array(values, dtype="S")  # None becomes b"None": looked at only if that text appears
         if not (array == b"None").any():

@@ -139,3 +139,22 @@ def test_back_pressure_bounds_the_queue(monkeypatch):
             peak = max(peak, get_pipeline().pending())
     assert peak <= 100
     assert len(tasks_of(Flowcept.read_buffer_file(fc.output_path))) == 2000
+
+
+def test_background_sync_leaves_the_file_to_consolidation(tmp_path, monkeypatch):
+    """The flusher's background data sync neither shares the writer's lock nor outlives close."""
+    import fcntl
+
+    from flowcept import transport as transport_module
+    from flowcept.transport import FileTransport
+
+    monkeypatch.setattr(transport_module, "_BACKGROUND_SYNC_BYTES", 10)
+    transport = FileTransport(str(tmp_path / "buf.jsonl"), "host", fsync="stop")
+    transport.send("wf", b'{"type":"task","task_id":"a"}\n' * 4, 4)
+    transport.background()
+    assert transport._unsynced_bytes == 0
+    path = transport.path_for("wf")
+    transport.close_workflow("wf")
+    with open(path, "rb") as handle:  # what consolidation checks before taking a file over
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert handle.read().count(b"\n") == 4

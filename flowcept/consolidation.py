@@ -392,6 +392,7 @@ def _file_blocks(path: str, report: MergeReport) -> Iterator[Tuple[bytes, int]]:
 
 _SCAN_BYTES = 2 * 1024 * 1024  # fresh pages cost ~5 ms per MiB on some VMs: a small buffer reused
 _STAR = b"*+" if sys.version_info >= (3, 11) else b"*"  # possessive (no backtracking) from 3.11
+_COPY_PIECE = 64 * 1024 * 1024
 _MAX_SPANS = 4096  # more alternations of clean and other lines than this: the rest counts as other
 _TASK_HEAD = b'{"type":"task","task_id":"'
 _TELEMETRY_HEAD = b'{"type":"telemetry","telemetry_id":"'
@@ -643,12 +644,13 @@ class _Merger:
             yield orjson.dumps(merge_workflow_records(self.workflows)) + b"\n", 1, None
 
     def _scanned(self, scan: _SourceScan, copy_ok: bool) -> Iterator[Tuple[Any, ...]]:
+        progress = self.progress
         fd = os.open(scan.path, os.O_RDONLY)
         try:
             for span in scan.spans:
-                if self.progress is not None:
-                    self.progress(span.end - span.start)
                 if span.tail:
+                    if progress is not None:
+                        progress(span.end - span.start)
                     rest = os.pread(fd, span.end - span.start, span.start)
                     if not rest.strip():
                         continue
@@ -659,14 +661,22 @@ class _Merger:
                     continue
                 if span.clean and scan.exclusive:
                     self.report.records_in += span.lines
-                    if copy_ok:
-                        yield ("copy", fd, span.start, span.end, span.lines)
+                    if copy_ok:  # in pieces, so a progress bar moves during a long copy
+                        for start in range(span.start, span.end, _COPY_PIECE):
+                            end = min(start + _COPY_PIECE, span.end)
+                            if progress is not None:
+                                progress(end - start)
+                            yield ("copy", fd, start, end, span.lines if end == span.end else 0)
                     else:
                         for block in _range_blocks(fd, span.start, span.end):
+                            if progress is not None:
+                                progress(len(block))
                             yield block, block.count(b"\n"), None
                     continue
                 line = span.first_line
                 for block in _range_blocks(fd, span.start, span.end):
+                    if progress is not None:
+                        progress(len(block))
                     if span.clean:
                         yield from self._block(scan.path, block, line)
                     else:

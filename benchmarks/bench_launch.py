@@ -1,7 +1,9 @@
 """Launcher overhead: `srun -n 4 flowcept-launch true` against `srun -n 4 true`, same run.
 
 Prints median (and minimum) wall times, the added seconds (target: at most 0.3 s) and the ratio
-to the baseline, with and without the node daemon, plus the peak RSS of one launcher process.
+to the baseline, with and without the node daemon; then the peak RSS of one launcher process run
+alone (global rank 0's work included) and the resident memory of each launcher of a two-rank job
+while its command runs (what the launcher costs a node for the length of the job).
 ``--ref REV`` also runs the launcher as it was at git revision REV (its ``launch/`` files,
 extracted to a temporary directory, with today's library), interleaved with the others, so a
 before/after comparison shares one run and one machine load.
@@ -53,6 +55,35 @@ def _rss_bytes(command: List[str], cwd: str) -> int:
     return int(out.stdout.split()[-1]) * 1024
 
 
+def _vm_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _steady_rss(launch: List[str], cwd: str, daemon: bool) -> Dict[str, int]:
+    """Resident memory of each launcher of a 2-rank job while its command (`sleep`) runs.
+
+    Both ranks are started directly (Slurm's variables faked, one job step) so their pids are
+    ours to read in /proc; sampled 0.8 s into a 1.5 s command, once each launcher is settled.
+    """
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLOWCEPT_"))}
+    job = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": f"bench{os.getpid()}", "SLURM_STEP_ID": str(int(time.time()))}
+    flags = [] if daemon else ["--no-daemon"]
+    procs = {}
+    for rank in (0, 1):
+        env = dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), **job)
+        procs[rank] = subprocess.Popen([*launch, *flags, "-q", "sleep", "1.5"], cwd=cwd, env=env)
+    try:
+        time.sleep(0.8)  # a benchmark's fixed sampling point, not synchronisation
+        return {f"rank {rank}": _vm_rss(proc.pid) for rank, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.wait(timeout=60)
+
+
 def _extract(rev: str, into: str) -> str:
     """The launch/ files of ``rev`` in ``into``; returns that folder."""
     names = subprocess.run(["git", "ls-tree", "--name-only", rev, "launch/"], cwd=REPO, check=True,
@@ -100,6 +131,9 @@ def main() -> None:
             for name, command in variants.items():
                 times[name].append(_wall(command, cwd))
         rss = {name: _rss_bytes(command, cwd) for name, command in rss_of.items()}
+        steady = {("flowcept-launch", daemon): _steady_rss(launch, cwd, daemon) for daemon in (False, True)}
+        if args.ref:
+            steady.update({(args.ref, daemon): _steady_rss(ref, cwd, daemon) for daemon in (False, True)})
     base = statistics.median(times["srun -n 4 true"])
     base_min = min(times["srun -n 4 true"])
     print(f"cpus={os.cpu_count()} repeats={args.repeats} load={os.getloadavg()[0]:.1f}")
@@ -108,7 +142,10 @@ def main() -> None:
         print(f"{name:40s} median {median:6.3f} s  added {median - base:+6.3f} s  ratio {median / base:5.2f}x"
               f"   min {min(values):6.3f} s  added {min(values) - base_min:+6.3f} s")
     for name, value in rss.items():
-        print(f"peak RSS of one launcher process ({name}): {value / 2**20:.1f} MiB")
+        print(f"peak RSS of one launcher process, alone ({name}): {value / 2**20:.1f} MiB")
+    for (name, daemon), values in steady.items():
+        text = ", ".join(f"{rank} {value / 2**20:.1f} MiB" for rank, value in values.items())
+        print(f"RSS while the command runs, 2 ranks{' + daemon' if daemon else ''} ({name}): {text}")
 
 
 if __name__ == "__main__":

@@ -113,12 +113,9 @@ def marker_dir(base_path: str, workflow_id: str) -> str:
 
 def write_marker(directory: str, rank: int, outcome: RankOutcome) -> None:
     """Say this rank is done: written to a temp name and renamed, so a marker is never partial."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"rank-{rank}.done")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as handle:
-        handle.write(f"{outcome.exit_code}\n")
-    os.replace(tmp, path)
+    from flowcept.launch.waiter import write_marker as write
+
+    write(directory, rank, outcome.exit_code)
 
 
 def count_markers(directory: str) -> int:
@@ -309,6 +306,8 @@ class RankLauncher:
                 self.daemon.join(self)  # the starter registers the workflow while the command runs
         except Exception as error:
             _say(f"provenance capture incomplete ({error}); running the command anyway")
+        if self.child_pid is not None and self.rank != 0 and (self.daemon is None or not self.daemon.is_starter):
+            self._hand_over(outcome)  # returns only if the exec failed
         if self.child_pid is not None:
             self._wait_child(outcome)
         trace("child reaped")
@@ -327,6 +326,36 @@ class RankLauncher:
             trace(f"end cpu_self={me.ru_utime + me.ru_stime:.3f} cpu_children={kids.ru_utime + kids.ru_stime:.3f} "
                   f"rss_self={me.ru_maxrss / 1024:.1f}MiB")
         return outcome.exit_code
+
+    def _hand_over(self, outcome: RankOutcome) -> None:
+        """Replace this process by the bare waiter (``launch/waiter.py``): same pid, a third of the memory.
+
+        Nothing is left for this rank to do but wait for its command and write what the waiter
+        writes. Forwarded signals (and SIGCHLD) are blocked across the exec; the waiter unblocks
+        them once its handlers are in place, so none is lost.
+        """
+        import json
+
+        from flowcept.launch import rank_record
+
+        spec = {"child_pid": self.child_pid, "exited_at": self.child_exited_at, "rank": self.rank,
+                "record": rank_record.process_record(self, outcome.started_at, self.child_pid),
+                "rank_file": rank_record.rank_file_path(self),
+                "fsync": self.settings["project.dump_buffer.fsync"] != "never",
+                "bye_path": self.daemon.bye_path(self.rank) if self.daemon is not None else None,
+                "marker_dir": marker_dir(self.base_path, self.ids["workflow_id"])}
+        argv = [sys.executable, "-I", "-S", os.path.join(os.path.dirname(os.path.abspath(__file__)), "waiter.py"),
+                json.dumps(spec, default=str)]
+        blocked = (*FORWARDED_SIGNALS, signal.SIGCHLD)
+        trace("hand over to the waiter")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            os.execv(sys.executable, argv)
+        except OSError as error:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+            _say(f"could not start the waiter ({error}); waiting in the launcher")
 
     def _finish(self, outcome: RankOutcome) -> None:
         """Say goodbye (daemon, marker); global rank 0 then waits and consolidates."""

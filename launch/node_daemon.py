@@ -248,14 +248,19 @@ class NodeDaemon:
             self._context = None
 
     # -- every rank -------------------------------------------------------------------------------
-    def goodbye(self, launcher: Any, interrupted: bool) -> None:
-        """Say this rank is flushed; the starter then stops the daemon and waits for its exit."""
+    def bye_path(self, rank: int) -> str:
+        """Where rank ``rank`` says goodbye; the directory is made (it may end before the starter began)."""
         try:
-            protocol.make_private_dir(self.directory)  # this rank may have ended before the starter began
-            with open(os.path.join(self.directory, f"bye-{launcher.rank}"), "w"):
-                pass
+            protocol.make_private_dir(self.directory)
         except OSError:
             pass
+        return os.path.join(self.directory, f"bye-{rank}")
+
+    def goodbye(self, launcher: Any, interrupted: bool) -> None:
+        """Say this rank is flushed; the starter then stops the daemon and waits for its exit."""
+        from flowcept.launch.waiter import touch
+
+        touch(self.bye_path(launcher.rank))
         if not self.is_starter or self.pid is None:
             return
         timeout = min(launcher.settings["launch.finish_timeout_s"], 3.0 if interrupted else 1e9)

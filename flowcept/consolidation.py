@@ -671,7 +671,7 @@ class _Merger:
                         for block in _range_blocks(fd, span.start, span.end):
                             if progress is not None:
                                 progress(len(block))
-                            yield block, block.count(b"\n"), None
+                            yield block, -1, None  # -1: not counted (the consumers split the lines)
                     continue
                 line = span.first_line
                 for block in _range_blocks(fd, span.start, span.end):

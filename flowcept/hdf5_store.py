@@ -30,6 +30,7 @@ import gc
 import math
 import operator
 import os
+from itertools import repeat
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import orjson
@@ -328,6 +329,11 @@ def _columns(records: List[dict], names: Tuple[str, ...]) -> Dict[str, Sequence[
 
 def _int_column(np: Any, values: Sequence[Any]) -> Any:
     """int64 values, -1 for anything that is not an int (None, floats, text, booleans)."""
+    if set(map(type, values)) == {int}:  # the common case, converted in C
+        try:
+            return np.array(values, dtype=np.int64)
+        except OverflowError:
+            pass
     return np.array([v if type(v) is int and -2**63 <= v < 2**63 else -1 for v in values], dtype=np.int64)
 
 
@@ -417,10 +423,11 @@ class Hdf5Writer:
 
     def add_block(self, block: bytes, count: int = -1, parsed: Optional[Sequence[Optional[dict]]] = None) -> None:
         """Add newline-terminated JSONL lines (with their parsed records when known)."""
+        if type(block) is not bytes:
+            block = bytes(block)
         lines = block.split(b"\n")[:-1]
-        if parsed is None and block.startswith(_TASK_HEAD) and \
-                1 + block.count(b'\n{"type":"task"') == len(lines):  # newlines end lines: heads start them
-            self._tasks(lines)  # the common case: a block of task lines, routed without a look
+        if parsed is None and all(map(bytes.startswith, lines, repeat(_TASK_HEAD))):
+            self._tasks(lines)  # the common case: a block of task lines, routed without parsing
             return
         self.add_lines(lines, parsed)
 

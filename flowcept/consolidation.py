@@ -621,7 +621,12 @@ class _Merger:
         """
         patterns = _CleanLines(self.wf_quoted)
         buf = bytearray(_SCAN_BYTES)
-        scans = [_scan_source(path, patterns, buf) for path in sources if os.path.exists(path)]
+        scans = []
+        for path in sources:
+            try:
+                scans.append(_scan_source(path, patterns, buf))
+            except FileNotFoundError:
+                logger.warning("source %s vanished during consolidation", path)
         holders: Dict[bytes, int] = {}
         for scan in scans:
             for prefix in scan.prefixes:

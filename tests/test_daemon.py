@@ -386,12 +386,14 @@ def test_exit_when_idle_after_every_goodbye(start_daemon, buffer_base: str) -> N
     assert consolidated_numbers(buffer_base, "wf-idle") == list(range(50))
 
 
-def test_batch_with_wrong_line_count_is_refused_and_kept_by_the_client(start_daemon, buffer_base: str) -> None:
-    """The writer counts lines before writing: a mismatch is never written, the client spills it."""
+@pytest.mark.parametrize("strict", [False, True], ids=["framing", "strict"])
+def test_batch_with_wrong_line_count_is_refused_and_kept_by_the_client(
+        start_daemon, buffer_base: str, strict: bool) -> None:
+    """Lines are counted before anything is written: a mismatch is never written, the client spills it."""
     from flowcept.daemon_link import DaemonLink
     from flowcept.transport import FileTransport
 
-    daemon = start_daemon("--no-telemetry")
+    daemon = start_daemon("--no-telemetry", *(["--strict"] if strict else []))
 
     def lines(start: int, n: int) -> bytes:
         return b"".join(orjson.dumps({"type": "task", "task_id": f"t{i}", "workflow_id": "wf-count",

@@ -121,3 +121,68 @@ def test_mpirun_four_ranks(tmp_path: Path, instrumented: bool) -> None:
     assert len({r["workflow_id"] for r in records}) == 1
     assert len([r for r in records if r.get("type") == "workflow"]) == 1
     assert len([r for r in records if r.get("activity_id") == "app_step"]) == (8 if instrumented else 0)
+
+
+@pytest.mark.parametrize("argv", [
+    ["true"],
+    ["-q", "--no-daemon", "python", "app.py", "-q"],
+    ["--workflow-name", "w", "-o", "out", "--format", "hdf5", "--telemetry-interval", "0.5", "--", "./a", "--x"],
+    ["--workflow-name=w", "--output-dir=out", "--no-consolidate", "--keep-files", "--settings", "s.yaml", "cmd"],
+    ["--daemon", "--consolidate", "-n", "name", "cmd", "--no-daemon"],
+])
+def test_fast_parser_agrees_with_argparse(argv: List[str]) -> None:
+    from flowcept.launch.__main__ import _fast_parse, build_parser
+
+    fast = _fast_parse(argv)
+    assert fast is not None
+    args = build_parser().parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    assert fast.command == command
+    assert (fast.workflow_name, fast.output_dir, fast.output_format, fast.telemetry_interval_s, fast.daemon,
+            fast.consolidate, fast.settings_file, fast.keep_files, fast.quiet) == (
+        args.workflow_name, args.output_dir, args.output_format, args.telemetry_interval, args.daemon,
+        args.consolidate, args.settings_file, args.keep_files, args.quiet)
+
+
+@pytest.mark.parametrize("argv", [["--work", "w", "true"], ["--daemon", "--no-daemon", "true"], ["-h"],
+                                  ["--format", "csv", "true"], ["-n"], ["--no-daemon"]])
+def test_unusual_command_lines_go_to_argparse(argv: List[str]) -> None:
+    from flowcept.launch.__main__ import _fast_parse
+
+    assert _fast_parse(argv) is None
+
+
+def test_rank_hands_over_to_the_waiter_which_forwards_signals(tmp_path: Path) -> None:
+    """Rank 1 of 2 replaces its launcher by the bare waiter (same pid) while `sleep` runs;
+    SIGTERM to that pid still reaches the command, and the task records it."""
+    from conftest import wait_for
+
+    job = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": f"wait{os.getpid()}", "SLURM_STEP_ID": "0"}
+    procs = []
+    for rank in (0, 1):
+        env = clean_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), **job)
+        procs.append(subprocess.Popen([*LAUNCH, "--no-daemon", "sleep", "60"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    try:
+        def cmdline(pid: int) -> bytes:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                return handle.read()
+
+        wait_for(lambda: b"waiter.py" in cmdline(procs[1].pid), 30, "rank 1 to hand over to the waiter")
+        children = Path(f"/proc/{procs[0].pid}/task/{procs[0].pid}/children")
+        wait_for(lambda: children.read_text().strip() != "", 30, "rank 0's command to start")
+        for proc in procs:
+            proc.send_signal(15)
+        for proc in procs:
+            proc.wait(timeout=30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [p.returncode for p in procs] == [143, 143]
+    records = consolidated(tmp_path)
+    process = {r["rank"]: r for r in records if r.get("subtype") == "rank_process"}
+    assert sorted(process) == [0, 1]
+    assert all(r["status"] == "ERROR" and r["generated"]["signal"] == 15 for r in process.values())
+    assert process[1]["pid"] == procs[1].pid and process[1]["ended_at"] - process[1]["started_at"] < 30

@@ -146,32 +146,6 @@ def _fallback_sampler() -> Any:
     return _Minimal()
 
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MALLOC_KEEP_BYTES = 256 * 1024 * 1024
-
-
-def _keep_freed_memory() -> None:
-    """Ask glibc to keep freed buffers instead of returning them to the kernel at once.
-
-    Received payloads live in ZeroMQ buffers until the writer has written them; with glibc's
-    defaults (dynamic mmap threshold, trim at twice it) the heap is trimmed as soon as a few
-    hundred KB at its top are free, and the next messages fault every page in again (~15,000
-    page faults per 100 MB here, a third of the daemon's CPU). Keeping up to
-    ``_MALLOC_KEEP_BYTES`` (the writer's backlog bound) makes the buffers reused. Only glibc;
-    elsewhere a no-op.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 64 * 1024 * 1024)  # the largest message: from the heap, reused
-    mallopt(_M_TRIM_THRESHOLD, _MALLOC_KEEP_BYTES)
-
-
 class DaemonServer:
     """One node daemon. ``serve()`` runs until SIGTERM/SIGINT, ``request_stop()`` or idle exit."""
 
@@ -214,7 +188,6 @@ class DaemonServer:
 
     def serve(self) -> int:
         """Bind, announce readiness, loop until stopped, then drain, flush and close; returns 0."""
-        _keep_freed_memory()
         self._bind()
         self._install_signals()
         self._start_metrics()

@@ -188,3 +188,39 @@ def test_decorated_recursion_and_methods():
     depth = [r for r in recs if r.get("parent_task_id") is None]
     assert len(depth) == 1
     assert all(r.get("parent_task_id") in by_id or r.get("parent_task_id") is None for r in recs)
+
+
+def test_compiled_wrapper_keeps_the_call_semantics():
+    """The per-signature wrapper: same errors, defaults by identity, records across a run change."""
+    shared = []
+
+    @flowcept_task
+    def keep(item, bucket=shared, *, tag="t"):
+        bucket.append(item)
+        return None
+
+    with pytest.raises(TypeError, match="keep"):
+        keep()  # outside a run too, the message names the function
+    with Flowcept() as fc:
+        keep(1)
+        keep(item=2, tag="u")
+        with pytest.raises(TypeError, match="keep"):
+            keep(1, shared, "positional tag")
+        records = fc.get_buffer()
+    assert shared == [1, 2]
+    recs = by_activity(records, "keep")
+    assert [(r["used"]["item"], r["used"]["tag"]) for r in recs] == [(1, "t"), (2, "u")]
+    assert all("generated" not in r and r["status"] == "FINISHED" for r in recs)
+
+    outer = Flowcept(workflow_id="outer_run").start()
+    inner = Flowcept(workflow_id="inner_run").start()
+
+    @flowcept_task
+    def stops_the_run():
+        inner.stop()  # the run changes while the call is in flight
+        return {"done": True}
+
+    stops_the_run()
+    outer.stop()
+    recs = by_activity(inner.get_buffer(), "stops_the_run") + by_activity(outer.get_buffer(), "stops_the_run")
+    assert len(recs) == 1 and recs[0]["generated"] == {"done": True}

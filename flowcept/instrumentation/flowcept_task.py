@@ -99,6 +99,105 @@ def _generated(result: Any, output_names: Union[None, str, Sequence[str]]) -> Op
     return {"arg_0": result}
 
 
+# The body of a wrapper compiled for one signature (see _compiled_wrapper). Python binds the
+# arguments itself (C speed, its own error messages) and ``used`` is one dict display: no
+# *args/**kwargs packing, no binder call. Every local name starts with _fc_, which no
+# parameter of a compiled function may.
+_WRAPPER_TEMPLATE = """
+def _fc_make(_fc_fn, _fc_slow, _fc_capture, _fc_time, _fc_cv, _fc_ids, _fc_dumps, _fc_fallback,
+             _fc_opt, _fc_splice_line, _fc_full_record, _fc_finish, _fc_generated, _fc_activity,
+             _fc_output_names, _fc_defaults):
+    {unpack_defaults}
+    def {name}({params}):
+        _fc_run = _fc_capture.state
+        _fc_lines = _fc_run.lines
+        if _fc_lines is None or _fc_run.telemetry is not None:
+            return _fc_slow({call})
+        _fc_id = _fc_ids.prefix + str(next(_fc_ids.counter))
+        _fc_record = {{"type": "task", "task_id": _fc_id, "workflow_id": _fc_run.workflow_id,
+                      "activity_id": _fc_activity, "started_at": _fc_time(),
+                      "parent_task_id": _fc_cv.get(), "used": {{{used}}}}}
+        _fc_token = _fc_cv.set(_fc_id)
+        try:
+            _fc_result = _fc_fn({call})
+        except BaseException as _fc_error:
+            _fc_finish(_fc_record, _fc_token, None, _fc_run.splice, _fc_run, None, _fc_error)
+            raise
+        try:
+            _fc_cv.reset(_fc_token)
+        except ValueError:
+            pass
+        _fc_record["ended_at"] = _fc_time()
+        _fc_record["status"] = "FINISHED"
+        if _fc_result is not None:
+            _fc_record["generated"] = (_fc_result if type(_fc_result) is dict
+                                       else _fc_generated(_fc_result, _fc_output_names))
+        if _fc_capture.state is _fc_run:
+            try:
+                _fc_body = _fc_dumps(_fc_record, default=_fc_fallback, option=_fc_opt)
+            except Exception:
+                _fc_body = None
+            if _fc_body is not None and len(_fc_body) <= _fc_run.limit:
+                _fc_lines.append(_fc_body[:-1] + _fc_run.suffix)
+            else:
+                _fc_lines.append(_fc_splice_line(_fc_record, _fc_run.suffix, _fc_run.rest))
+            if not len(_fc_lines) % _fc_run.flush_size:
+                _fc_run.pipeline.full(_fc_lines)
+        else:
+            _fc_capture.state.append(_fc_full_record(_fc_record, _fc_run))
+        return _fc_result
+    return {name}
+"""
+
+
+def _compiled_wrapper(function: Callable, slow: Callable, activity_id: str, output_names: Any,
+                      finish: Callable) -> Optional[Callable]:
+    """A wrapper compiled for ``function``'s own signature, or None where it does not apply.
+
+    Applies to plain signatures (positional-or-keyword and keyword-only parameters, with or
+    without defaults) without a ``workflow_id``/``campaign_id`` parameter (those set the task's
+    own, see ``begin``). Anything the fast path cannot take (no pipeline, telemetry, a run
+    changed meanwhile) goes to ``slow``, the general wrapper, with the same arguments. The
+    record is the one the general wrapper writes, ``used`` in signature order.
+    """
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    params = list(signature.parameters.values())
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if any(p.kind not in kinds or p.name.startswith("_fc_") or not p.name.isidentifier()
+           or p.name in ("workflow_id", "campaign_id") for p in params):
+        return None
+    name = function.__name__ if function.__name__.isidentifier() else "wrapper"
+    defaults = [p.default for p in params if p.default is not p.empty]
+    declared, passed = [], []
+    index = 0
+    keyword_only = False
+    for p in params:
+        if p.kind == p.KEYWORD_ONLY and not keyword_only:
+            declared.append("*")
+            keyword_only = True
+        if p.default is not p.empty:
+            declared.append(f"{p.name}=_fc_d{index}")
+            index += 1
+        else:
+            declared.append(p.name)
+        passed.append(f"{p.name}={p.name}" if p.kind == p.KEYWORD_ONLY else p.name)
+    source = _WRAPPER_TEMPLATE.format(
+        name=name, params=", ".join(declared), call=", ".join(passed),
+        used=", ".join(f"{p.name!r}: {p.name}" for p in params),
+        unpack_defaults="".join(f"_fc_d{i} = _fc_defaults[{i}]; " for i in range(len(defaults))) or "pass")
+    namespace: Dict[str, Any] = {}
+    try:
+        exec(compile(source, f"<flowcept_task {function.__qualname__}>", "exec"), namespace)
+    except SyntaxError:  # pragma: no cover - names were checked above
+        return None
+    return namespace["_fc_make"](function, slow, capture, time, current_task_id, _ids, _dumps, _fallback,
+                                 FAST_OPTIONS, splice_line, full_record, finish, _generated, activity_id,
+                                 output_names, defaults)
+
+
 def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> Callable:
     """Decorate a function so each call is captured as a task.
 
@@ -250,6 +349,9 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
             return result
 
         if args_handler is None and capture_telemetry is None and not extra:
+            generated = _compiled_wrapper(function, wrapper, activity_id, output_names, finish)
+            if generated is not None:
+                return functools.wraps(function)(generated)
             return fast_wrapper
         return wrapper
 

@@ -461,16 +461,24 @@ class DaemonServer:
                     pass
 
     def _send_acks(self) -> None:
-        """Loop thread: acknowledge what the writer wrote (nack what it could not)."""
+        """Loop thread: acknowledge what the writer wrote (nack what it could not).
+
+        Acks are cumulative, so one per client covers every hand-over written since the last
+        call; nacks go first, each for its own batch.
+        """
         counters = self.counters
+        latest: Dict[Tuple[Any, bytes], int] = {}
         while self._written_acks:
             sock, acks, failed = self._written_acks.popleft()
             for identity, entries in acks.items():
-                for seq, key, count, _client in entries:
-                    if key in failed:
-                        counters.spilled += count
-                        self._reply(sock, identity, protocol.encode_nack(seq, "write_failed"))
-                self._reply(sock, identity, protocol.encode_ack(entries[-1][0]))
+                if failed:
+                    for seq, key, count, _client in entries:
+                        if key in failed:
+                            counters.spilled += count
+                            self._reply(sock, identity, protocol.encode_nack(seq, "write_failed"))
+                latest[(sock, identity)] = entries[-1][0]
+        for (sock, identity), seq in latest.items():
+            self._reply(sock, identity, protocol.encode_ack(seq))
 
     def _write(self, key: Tuple[str, Optional[str]], payloads: List[bytes], count: int,
                telemetry: bool = False) -> bool:

@@ -11,7 +11,7 @@
 2. Per-task cost of FlowceptTask in a client with the daemon link vs the per-process file.
 3. Daemon CPU when idle with 1 Hz telemetry sampling (% of one core). Target <= 0.2%.
 
-Usage: python benchmarks/bench_daemon.py [--records 1000000] [--batch 1000] [--repeat 3] [--warm 0.25]
+Usage: python benchmarks/bench_daemon.py [--records 1000000] [--batch 1000] [--repeat 5] [--warm 0.25]
        [--idle-seconds 5]
 """
 
@@ -254,7 +254,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1000000, help="Records per ingest run.")
     parser.add_argument("--batch", type=int, default=1000, help="Records per message.")
-    parser.add_argument("--repeat", type=int, default=3, help="Ingest runs per figure (the median is shown).")
+    parser.add_argument("--repeat", type=int, default=5, help="Ingest runs per figure (the median is shown).")
     parser.add_argument("--warm", type=float, default=0.25,
                         help="Untimed warm-up before each ingest run, as a fraction of --records (raw and "
                              "daemon alike): a node daemon is long-lived, its buffers already faulted in.")

@@ -306,8 +306,8 @@ class RankLauncher:
                 self.daemon.join(self)  # the starter registers the workflow while the command runs
         except Exception as error:
             _say(f"provenance capture incomplete ({error}); running the command anyway")
-        if (self.child_pid is not None and self.rank != 0 and sys.executable
-                and (self.daemon is None or not self.daemon.is_starter)):
+        if (self.child_pid is not None and self.child_exited_at is None and self.rank != 0 and sys.executable
+                and (self.daemon is None or not self.daemon.is_starter)):  # (an ended command: reap it here)
             self._hand_over(outcome)  # returns only if the exec failed
         if self.child_pid is not None:
             self._wait_child(outcome)

@@ -2,18 +2,18 @@
 
 Thread contract: the poll loop (:meth:`DaemonServer.serve`, main thread) owns every socket; the
 writer thread owns every sink. Each loop turn drains up to ``_MAX_MESSAGES`` messages (or
-``_MAX_TURN_BYTES``) as zero-copy frames, validates the header and the payload's framing in bulk
-with :mod:`flowcept.protocol` (records are not parsed unless ``--strict``), and hands the accepted
-batches to the writer every ``_SUBMIT_BYTES``. The writer writes each (base path, workflow) with
-one ``writev`` straight from the received buffers (the GIL is released during the write) and
-hands the acknowledgements back through a deque and the wake pipe; the loop sends them, one
-cumulative ack per client per hand-over. So receiving and validating overlap with disk writes,
-and an acknowledged record is in the kernel's hands: a killed daemon loses nothing a client
-dropped. The writer's backlog is bounded
-(``_MAX_WRITE_BACKLOG_BYTES``): past it the loop stops reading and ZeroMQ's high-water marks push
-back on the clients. The Prometheus endpoint (another thread) only reads counters. Bad frames are
-rejected, counted by reason, and (when they carry a sequence number) refused with a ``nack`` so
-the client keeps the batch.
+``_MAX_TURN_BYTES``) as zero-copy frames, validates each header and each payload's framing (ends
+and line count, counted in bulk) with :mod:`flowcept.protocol` (records are parsed only with
+``--strict``), and hands the accepted batches to the writer every ``_SUBMIT_BYTES``. The writer
+writes each (base path, workflow) with one ``writev`` straight from the received buffers (the
+GIL is released during the write) and hands the acknowledgements back through a deque and the
+wake pipe; the loop sends them, one cumulative ack per client. So receiving and validating
+overlap with disk writes, and an acknowledged record is in the kernel's hands: a killed daemon
+loses nothing a client dropped. The writer's backlog is bounded (``_MAX_WRITE_BACKLOG_BYTES``):
+past it the loop stops reading and ZeroMQ's high-water marks push back on the clients. The
+Prometheus endpoint (another thread) only reads counters. Bad frames are rejected, counted by
+reason, and (when they carry a sequence number) refused with a ``nack`` so the client keeps the
+batch.
 
 Outputs: ``<dir>/<stem>_<workflow_id>_node-<node>.jsonl`` beside the clients' base path (so
 ``flowcept consolidate`` finds them), plus ``.h5`` with the HDF5 sink. Telemetry (node, each
@@ -343,7 +343,7 @@ class DaemonServer:
             pass
 
     def _receive(self, sock: Any) -> None:
-        """Drain a turn's worth of messages; hand accepted batches to the writer every few MB.
+        """Drain a turn's worth of messages; hand accepted batches to the writer every 1 MB or so.
 
         Frames arrive zero-copy (``copy=False``): a payload stays in ZeroMQ's buffer until the
         writer has written it. Only the small identity and header frames become ``bytes``.

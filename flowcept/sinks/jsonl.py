@@ -56,8 +56,11 @@ class JsonlSink:
         self.records_written += count
         self.bytes_written += len(payload)
 
-    def write_many(self, payloads: List[bytes], count: int) -> None:
-        """Append several JSONL payloads with ``os.writev`` (no joined copy)."""
+    def write_many(self, payloads: List[Any], count: int) -> None:
+        """Append several JSONL payloads with ``os.writev`` (no joined copy).
+
+        Payloads are bytes-like: the daemon passes the ZeroMQ frames it received, unchanged.
+        """
         if len(payloads) == 1:
             self.write_lines(payloads[0], count)
             return

@@ -18,6 +18,7 @@ Usage: python benchmarks/bench_daemon.py [--records 1000000] [--batch 1000] [--r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing as mp
 import os
 import shutil
@@ -267,7 +268,8 @@ def main() -> None:
         warm = int(args.records * args.warm) // args.batch
         print(f"ingest: {args.records} records per run ({record_bytes:.0f} bytes each), {args.batch} per "
               f"message, {os.cpu_count()} cores; after a warm-up of {args.warm:g}x that; median of {args.repeat} "
-              f"alternating runs each")
+              f"alternating runs each; the daemon counts lines with "
+              f"{'numpy' if importlib.util.find_spec('numpy') else 'bytes.count (numpy missing: slower)'}")
         print(f"{'clients':>8} {'daemon rec/s':>14} {'raw PUSH/PULL rec/s':>20} {'ratio':>7}")
         for clients in (1, 2, 4):
             sub = tempfile.mkdtemp(dir=workdir)

@@ -105,8 +105,10 @@ def settings_show(as_json: bool) -> None:
 @click.option("--keep-files", is_flag=True, help="Keep the per-process and per-node files.")
 @click.option("--order-by-time", is_flag=True, help="Order records by start time (holds them in memory).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--mongodb", "to_mongodb", is_flag=True,
+              help="Then load the workflow into MongoDB (databases.mongodb.*); merged, never doubled.")
 def consolidate(workflow_id: str, base_path: Optional[str], output_format: Optional[str], keep_files: bool,
-                order_by_time: bool, quiet: bool) -> None:
+                order_by_time: bool, quiet: bool, to_mongodb: bool) -> None:
     """Merge every file of one workflow into one JSONL or HDF5 file (safe to run twice)."""
     from flowcept.consolidation import consolidate as merge
     from flowcept.consolidation import find_sources
@@ -140,6 +142,14 @@ def consolidate(workflow_id: str, base_path: Optional[str], output_format: Optio
         click.echo(f"  {len(report.bad_lines)} torn or corrupt line(s) skipped")
     if report.kept_live:
         click.echo(f"  {len(report.kept_live)} file(s) still being written were kept")
+    if to_mongodb:
+        from flowcept.sinks.mongodb import load_workflow
+
+        try:
+            loaded = load_workflow(base_path, workflow_id, current)
+        except Exception as error:
+            raise click.ClickException(f"loading into MongoDB failed: {error}") from None
+        click.echo(f"  {loaded} records loaded into MongoDB")
 
 
 @main.command()

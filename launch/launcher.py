@@ -358,6 +358,21 @@ class RankLauncher:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
             _say(f"could not start the waiter ({error}); waiting in the launcher")
 
+    def _load_into_mongodb(self, workflow_id: str) -> None:
+        """With MongoDB on, load what went to files (rank and workflow records, spilled batches).
+
+        Records the daemons already streamed are merged, not doubled.
+        """
+        try:
+            from flowcept.sinks.mongodb import load_workflow
+
+            loaded = load_workflow(self.base_path, workflow_id, self.settings)
+        except Exception as error:  # the files are complete; the database can be loaded later
+            _say(f"loading workflow {workflow_id} into MongoDB failed ({error}); "
+                 f"run: flowcept consolidate --mongodb --workflow-id {workflow_id} --path {self.base_path}")
+            return
+        trace(f"mongodb load: {loaded} records")
+
     def _finish(self, outcome: RankOutcome) -> None:
         """Say goodbye (daemon, marker); global rank 0 then waits and consolidates."""
         workflow_id = self.ids["workflow_id"]
@@ -390,6 +405,8 @@ class RankLauncher:
             _say(f"consolidation of workflow {workflow_id} failed ({error}); files are kept")
             return
         _remove_markers(markers)
+        if self.settings["databases.mongodb.enabled"]:
+            self._load_into_mongodb(workflow_id)
         if not self.options.quiet:
             sys.stdout.flush()
             sys.stdout.write(f"flowcept: workflow {workflow_id}: {report.records_out} records -> "

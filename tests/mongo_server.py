@@ -25,20 +25,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_command(port: int, storage: Optional[str]) -> Optional[List[str]]:
+def server_command(port: int, storage: Optional[str], host: str = "127.0.0.1") -> Optional[List[str]]:
     """The command line of the first server binary found, or None when there is none."""
     if shutil.which("secantusd-py"):
-        return ["secantusd-py", "--host", "127.0.0.1", "--port", str(port),
+        return ["secantusd-py", "--host", host, "--port", str(port),
                 "--storage-path", storage or ":memory:"]
     if shutil.which("nx-27017"):
-        return ["nx-27017", "--host", "127.0.0.1", "--port", str(port),
+        return ["nx-27017", "--host", host, "--port", str(port),
                 "--db", os.path.join(storage, "nx.db") if storage else "memory"]
     return None
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        socket.create_connection((host, port), timeout=0.2).close()
         return True
     except OSError:
         return False
@@ -47,15 +47,17 @@ def _port_open(port: int) -> bool:
 class MongoServer:
     """One server process; ``stop()`` and ``start()`` again reuse the port and the storage."""
 
-    def __init__(self, storage: Optional[str] = None, port: Optional[int] = None):
+    def __init__(self, storage: Optional[str] = None, port: Optional[int] = None, host: str = "127.0.0.1"):
+        """``host``: the address to listen on (loopback, or e.g. the cluster rig's bridge address)."""
         self.port = port or free_port()
         self.storage = storage
+        self.host = host
         self.process: Optional[subprocess.Popen] = None
-        self.uri = f"mongodb://127.0.0.1:{self.port}"
+        self.uri = f"mongodb://{host}:{self.port}"
         self._log = None
 
     def start(self, timeout_s: float = 20.0) -> MongoServer:
-        command = server_command(self.port, self.storage)
+        command = server_command(self.port, self.storage, self.host)
         if command is None:
             raise RuntimeError("no MongoDB-compatible server binary (pip install secantusdb)")
         log_path = os.path.join(self.storage or "/tmp", f"mongo-server-{self.port}.log")
@@ -63,7 +65,7 @@ class MongoServer:
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout_s
-        while not _port_open(self.port):
+        while not _port_open(self.port, self.host):
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}; see {log_path}")
             if time.monotonic() > deadline:

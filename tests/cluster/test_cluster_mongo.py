@@ -1,0 +1,89 @@
+"""One MongoDB-compatible server for the whole rig, written live by the daemons of all four nodes.
+
+The server listens on the rig's bridge address (the root namespace's side of the cluster
+network); every node daemon streams to it while the job runs, and `Flowcept.db` queries it after.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Dict
+
+import pytest
+from conftest import wait_for
+from mongo_server import MongoServer, requires_server
+
+REPO = Path(__file__).resolve().parents[2]
+INSTRUMENTED = str(REPO / "tests" / "launch_apps" / "instrumented.py")
+_script = Path(sys.executable).with_name("flowcept-launch")
+LAUNCH = [str(_script)] if _script.exists() else [sys.executable, "-m", "flowcept.launch"]
+NODES = {"node1", "node2", "node3", "node4"}
+
+pymongo = pytest.importorskip("pymongo")
+pytestmark = [pytest.mark.cluster, pytest.mark.mongo, requires_server]
+
+
+@pytest.fixture
+def cluster_mongo(ns_cluster):
+    server = MongoServer(host=ns_cluster.root_ip).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_daemons_of_all_nodes_write_live_then_flowcept_db_answers(ns_cluster, cluster_mongo, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    database = f"rig_{uuid.uuid4().hex[:8]}"
+    settings: Dict[str, str] = {
+        "FLOWCEPT_DAEMON_SINKS": "jsonl,mongodb",
+        "FLOWCEPT_DATABASES_MONGODB_ENABLED": "true",
+        "FLOWCEPT_DATABASES_MONGODB_URI": cluster_mongo.uri,
+        "FLOWCEPT_DATABASES_MONGODB_DB": database,
+        "FLOWCEPT_DATABASES_MONGODB_SPOOL_DIR": str(tmp_path / "spool"),
+    }
+    out, handshake = tmp_path / "out", tmp_path / "handshake"
+    out.mkdir()
+    handshake.mkdir()
+    args = ["srun", "-N", "4", "--ntasks-per-node=2", *LAUNCH, "--output-dir", str(out), "--",
+            sys.executable, INSTRUMENTED, "--tasks", "10", "--pause", str(handshake)]
+    job = ns_cluster.popen(args, env={**__import__("os").environ, **settings}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    client = pymongo.MongoClient(cluster_mongo.uri, serverSelectionTimeoutMS=5000)
+    try:
+        wait_for(lambda: len(list(handshake.glob("ready-*"))) == 8 or job.poll() is not None, 60, "all ranks paused")
+        assert job.poll() is None, job.communicate()
+        tasks = client[database]["tasks"]
+
+        def live_from_every_node() -> bool:
+            docs = list(tasks.find({"activity_id": "app_step"}, {"node_name": 1, "rank": 1}))
+            return len(docs) == 80 and {d["node_name"] for d in docs} == NODES
+
+        # the job is paused before its end: only the daemons can have written these
+        wait_for(live_from_every_node, 60, "every node's tasks in the database while the job runs")
+        (handshake / "go").write_text("")
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(timeout=10)
+        client.close()
+    assert job.returncode == 0, stdout + stderr
+
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    from flowcept import Flowcept
+
+    [workflow] = [w for w in Flowcept.db.workflow_query({}) if w.get("subtype") == "flowcept-launch"]
+    found = Flowcept.db.task_query({"workflow_id": workflow["workflow_id"]})
+    ids = [t["task_id"] for t in found]
+    assert len(ids) == len(set(ids))
+    per_activity = collections.Counter(t.get("activity_id") for t in found if t.get("subtype") != "rank_process")
+    assert per_activity == {"app_step": 80, "app_step_after": 80}
+    assert sorted(t["rank"] for t in found if t.get("subtype") == "rank_process") == list(range(8))
+    assert {t["node_name"] for t in found} == NODES
+    assert all(t["status"] == "FINISHED" for t in found)

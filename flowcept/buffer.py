@@ -107,6 +107,13 @@ class Pipeline:
         # holder of _drain_lock removes, from the front. Entries are never removed (a finished
         # workflow's list stays empty), so a list captured by a RunState stays the live one.
         self.lists: Dict[Optional[str], List[bytes]] = {}
+        # Producers that keep captured records in a cheaper form than lines (a loop's
+        # iterations as tuples): ``take()`` -> (workflow id, [(JSONL chunk, lines), ...]) turns
+        # what they hold into JSONL; every drain calls it first, so flushes at stop, exit and
+        # on signals reach them. Replaced, never mutated (the drain iterates it without a lock).
+        # Their chunks wait in ``chunks`` (under _drain_lock) and go out before the lists.
+        self.producers: Tuple[Any, ...] = ()
+        self.chunks: Dict[Optional[str], List[Tuple[bytes, int]]] = {}
         self.view = RecordView(view_cap)
         self.records_serialized = 0
         self.flush_errors = 0
@@ -181,9 +188,44 @@ class Pipeline:
         """Queue an already serialised JSON line (ending in a newline)."""
         self.lines_for(workflow_id).append(line)
 
+    def add_producer(self, producer: Any) -> None:
+        """Have every drain collect ``producer``'s records (see ``producers``)."""
+        with self._lists_lock:
+            self.producers = self.producers + (producer,)
+
+    def remove_producer(self, producer: Any) -> None:
+        """Collect ``producer``'s last records and stop asking it."""
+        with self._drain_lock:
+            self._collect(producer, into_list=True)
+            with self._lists_lock:
+                self.producers = tuple(p for p in self.producers if p is not producer)
+
+    def _collect(self, producer: Any, into_list: bool = False) -> None:
+        """Take what ``producer`` holds as JSONL chunks; caller holds _drain_lock.
+
+        ``into_list``: as lines at the end of the workflow's list (a producer's last records,
+        so that what its owner appends next follows them in the file).
+        """
+        try:
+            workflow_id, chunks = producer.take()
+        except Exception:  # never into the application; count and log
+            self.flush_errors += 1
+            logger.exception("flowcept could not collect the records of %r", producer)
+            return
+        if not chunks:
+            return
+        if into_list:
+            lines = self.lines_for(workflow_id)
+            for chunk, _ in chunks:
+                lines.extend(chunk.splitlines(keepends=True))
+        else:
+            self.chunks.setdefault(workflow_id, []).extend(chunks)
+
     def pending(self) -> int:
         """Records captured and not yet handed to the transport."""
-        return sum(len(lines) for lines in list(self.lists.values()))
+        return (sum(len(lines) for lines in list(self.lists.values()))
+                + sum(len(producer) for producer in self.producers)
+                + sum(count for chunks in list(self.chunks.values()) for _, count in chunks))
 
     # -- flusher ------------------------------------------------------------------------------
     def _start_thread(self) -> None:
@@ -207,6 +249,10 @@ class Pipeline:
         """Hand everything queued to the transport; returns the number of records moved."""
         moved = 0
         with self._drain_lock:
+            for producer in self.producers:
+                self._collect(producer)
+            # The lists first: a workflow's file starts with its start line (the in-place
+            # merge at stop() needs it there), whatever a producer holds.
             for workflow_id, lines in list(self.lists.items()):
                 count = len(lines)
                 if not count:
@@ -217,12 +263,19 @@ class Pipeline:
                 for start in range(0, count, _WRITE_BATCH):
                     batch = taken[start:start + _WRITE_BATCH] if count > _WRITE_BATCH else taken
                     self._send(workflow_id, batch)
+            if self.chunks:
+                chunks, self.chunks = self.chunks, {}
+                for workflow_id, counted in chunks.items():
+                    for chunk, count in counted:
+                        moved += count
+                        self._send_payload(workflow_id, chunk, count)
         return moved
 
     def _send(self, workflow_id: Optional[str], batch: List[bytes]) -> None:
-        count = len(batch)
+        self._send_payload(workflow_id, b"".join(batch), len(batch))
+
+    def _send_payload(self, workflow_id: Optional[str], payload: bytes, count: int) -> None:
         try:
-            payload = b"".join(batch)
             self.records_serialized += count
             self.transport.send(workflow_id, payload, count)
             self.view.add_payload(workflow_id, payload, count)
@@ -347,6 +400,8 @@ def _after_fork_in_child() -> None:
         for lines in list(old.lists.values()):
             lines.clear()
         old.lists.clear()
+        old.producers = ()
+        old.chunks = {}
         abandon = getattr(old.transport, "abandon", None)
         if abandon is not None:
             try:

@@ -169,3 +169,67 @@ def test_next_protocol():
             next(loop)
         records = fc.get_buffer()
     assert len(split(records)[1]) == 2
+
+
+def test_batched_iterations_are_the_lines_of_the_per_iteration_path():
+    """Iterations kept as tuples and turned into lines in bulk give the same bytes, item by item."""
+    from flowcept.instrumentation.flowcept_loop import _IterationBatch
+
+    rest = {"activity_id": "l_iteration", "subtype": "iteration", "group_id": "g.1", "parent_task_id": None,
+            "status": "FINISHED", "campaign_id": "c%d", "pid": 7}
+    from flowcept.capture import constant_suffix
+
+    batch = _IterationBatch("wf %s\"1", "0123456789abcdef.", "it%em", constant_suffix(rest), rest)
+    items = [0, -1, 2**63 - 1, 1.5, 1e-7, 1e22, -0.0, float("nan"), True, False, None]
+    entries = [(k + 1, 1795800000.123456 + k, k, item, 1795800000.5 + k / 3) for k, item in enumerate(items)]
+    batch.entries.extend(entries)
+    batch.entries.append(b"already a line\n")
+    batch.entries.append((99, 1.0, 99, 2**70, 2.0))  # past 64 bits: the per-iteration way, as a string
+    workflow_id, chunks = batch.take()
+    assert workflow_id == 'wf %s"1' and not batch.entries
+    assert chunks[0] == (b"".join(batch._line(entry) for entry in entries), len(items))
+    assert chunks[1] == (b"already a line\n", 1)
+    assert chunks[2] == (batch._line((99, 1.0, 99, 2**70, 2.0)), 1)
+    import orjson
+
+    parsed = orjson.loads(chunks[0][0].split(b"\n")[3])
+    assert parsed["used"] == {"i": 3, "it%em": 1.5} and parsed["campaign_id"] == "c%d"
+    assert list(parsed)[:3] == ["type", "task_id", "workflow_id"]
+
+
+def test_mixed_items_end_iter_and_ids_on_the_batched_path():
+    with Flowcept() as fc:
+        loop = FlowceptLoop([1, [2], 3.5, {"k": 4}, None], loop_name="mix", item_name="x")
+        ids = []
+        earlier = []
+        for k, item in enumerate(loop):
+            ids.append(loop.get_current_iteration_id())
+            if k % 2:
+                loop.end_iter({"k": k})
+            for previous in earlier:
+                previous.append("mutated after its iteration")  # the record keeps the value it had
+            if isinstance(item, list):
+                earlier.append(item)
+        records = fc.get_buffer()
+    loops, iterations = split(records, "mix")
+    assert [r["task_id"] for r in iterations] == ids and len(set(ids)) == 5
+    assert [r["used"]["x"] for r in iterations] == [1, [2], 3.5, {"k": 4}, None]
+    assert [r.get("generated") for r in iterations] == [None, {"k": 1}, None, {"k": 3}, None]
+    assert all(a["ended_at"] == b["started_at"] for a, b in zip(iterations, iterations[1:]))
+    assert loops[0]["generated"]["iterations"] == 5
+
+
+def test_workflow_line_stays_first_while_iterations_are_batched(monkeypatch):
+    """The drain writes the lists before a loop's batches: the start line leads the file."""
+    monkeypatch.setenv("FLOWCEPT_PROJECT_DUMP_BUFFER_FLUSH_SIZE", "16")
+    from flowcept.buffer import get_pipeline
+
+    with Flowcept(workflow_id="batched_first") as fc:
+        for i in FlowceptLoop(range(200), loop_name="first"):
+            if i == 100:  # 100 iterations in the loop's batch, the start line in the list
+                get_pipeline().drain()
+        path = get_pipeline().transport.path_for("batched_first")
+        with open(path, "rb") as handle:
+            assert handle.readline().startswith(b'{"type":"workflow"')
+    loops, iterations = split(Flowcept.read_buffer_file(fc.output_path), "first")
+    assert sorted(r["used"]["i"] for r in iterations) == list(range(200)) and len(loops) == 1

@@ -77,3 +77,44 @@ def test_sigkill_loses_at_most_the_last_interval(flowcept_tmp):
         proc.communicate(timeout=10)
     tasks = tasks_of(Flowcept.read_buffer_file(consolidate=True, workflow_id="killed"))
     assert len(tasks) == N
+
+
+_LOOP_CHILD = """
+import os, signal, sys
+from flowcept import Flowcept
+from flowcept.instrumentation.flowcept_loop import FlowceptLoop
+workflow_id, n, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+signal.alarm(60)
+Flowcept(workflow_id=workflow_id, workflow_name="loop_signals").start()
+for i in FlowceptLoop(range(n), loop_name="sigloop"):
+    if i == n - 1:  # finished iterations are still tuples in the loop's batch
+        with open(ready + ".tmp", "w") as out:
+            out.write(str(os.getpid()))
+        os.replace(ready + ".tmp", ready)
+        while True:
+            signal.pause()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_loop_loses_no_finished_iteration(flowcept_tmp, signum):
+    workflow_id = f"sigloop{int(signum)}"
+    ready = str(flowcept_tmp / "ready_loop")
+    env = app_env({"FLOWCEPT_PROJECT_DUMP_BUFFER_FLUSH_INTERVAL_S": "60"})
+    proc = subprocess.Popen([sys.executable, "-c", _LOOP_CHILD, workflow_id, str(N), ready], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.path.exists(ready) or proc.poll() is not None, 30, "the child's ready file")
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        proc.send_signal(signum)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    tasks = tasks_of(Flowcept.read_buffer_file(consolidate=True, workflow_id=workflow_id), workflow_id)
+    indices = sorted(r["used"]["i"] for r in tasks if r.get("activity_id") == "sigloop_iteration")
+    if signum == signal.SIGTERM:  # killed as the signal would: the iteration in progress never ended
+        assert indices == list(range(N - 1))
+    else:  # KeyboardInterrupt leaves the loop body: that iteration is recorded as interrupted
+        assert indices == list(range(N))

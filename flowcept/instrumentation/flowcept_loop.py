@@ -13,6 +13,11 @@ left by ``break``/``return`` or the iterator was closed (normal control flow). T
 
 Per iteration only the task id, times and ``used`` are serialised; the fields all iterations
 of a loop share are serialised once per loop and spliced in (``Pipeline.append_parts``, inlined).
+When the item is a number, a bool or None (immutable: nothing to snapshot), an iteration is
+kept as a tuple and the pipeline's drain turns a whole batch of them into lines at once
+(:class:`_IterationBatch`: one orjson call per column, one format per line), byte for byte
+the lines the per-iteration path writes. Every drain collects them, so stop(), exit and
+the signal handlers' flushes reach them as they reach everything else.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import sys
 import weakref
 from collections.abc import Iterator
 from time import time
-from typing import Any, Dict, Optional, Sized, Union
+from typing import Any, Dict, List, Optional, Sized, Tuple, Union
 
 import orjson
 
@@ -71,7 +76,10 @@ class FlowceptLoop:
         self.workflow_id = workflow_id or run.workflow_id
         self._parent_task_id = parent_task_id or current_task_id.get()
         self._loop_id = _ids.prefix + str(next(_ids.counter))
-        self._current: Optional[Dict[str, Any]] = None
+        # The iteration in progress: its record (dict), or on the batched path its id number.
+        self._current: Any = None
+        self._generated: Optional[Dict[str, Any]] = None  # end_iter() values on the batched path
+        self._prefix = _ids.prefix
         self._next_index = 0
         self._own_iterator: Optional[Iterator] = None
         self._started_at: Optional[float] = None
@@ -97,14 +105,23 @@ class FlowceptLoop:
     def get_current_iteration_id(self) -> Optional[str]:
         """Task id of the iteration in progress (None before the first or after the last)."""
         current = self._current
-        return current["task_id"] if current is not None else None
+        if current is None:
+            return None
+        if type(current) is int:
+            return self._prefix + str(current)
+        return current["task_id"]
 
     def end_iter(self, generated_value: Dict[str, Any]) -> None:
         """Attach ``generated`` values to the iteration in progress."""
         current = self._current
-        if current is not None:
-            existing = current.get("generated")
-            current["generated"] = {**existing, **generated_value} if existing else generated_value
+        if current is None:
+            return
+        if type(current) is int:
+            existing = self._generated
+            self._generated = {**existing, **generated_value} if existing else generated_value
+            return
+        existing = current.get("generated")
+        current["generated"] = {**existing, **generated_value} if existing else generated_value
 
     def _instrumented(self):
         run = capture.state
@@ -126,28 +143,39 @@ class FlowceptLoop:
         self._started_at = started_at = time()
         index = 0
         record = None
+        batch = None
+        current_n = None  # on the batched path: the id number of the iteration in progress
         status = "FINISHED"
         error_text = None
         try:
-            if telemetry is None and lines is not None:
-                # The common case, the same records with the fewest steps per iteration.
-                put = lines.append
+            if telemetry is None and lines is not None and type(item_name) is str and item_name != "i":
+                # The common case: numbers, bools and None kept as tuples, turned into lines in
+                # bulk by the pipeline's drain; other items serialised at once (a snapshot).
+                self._prefix = prefix
+                batch = _IterationBatch(workflow_id, prefix, item_name, suffix, rest)
+                entries = batch.entries
+                put = entries.append
+                pipeline.add_producer(batch)
                 for item in self._items:
-                    record = {"type": "task", "task_id": prefix + str(next(counter)), "workflow_id": workflow_id,
-                              "started_at": started_at, "used": {"i": index, item_name: item}}
-                    self._current = record
+                    current_n = n = next(counter)
+                    self._current = n
                     yield item
-                    started_at = time()  # the end of this iteration is the start of the next
-                    record["ended_at"] = started_at
-                    try:  # Pipeline.append_parts, inlined (see flowcept.buffer)
-                        body = _dumps(record, _fallback, FAST_OPTIONS)
-                    except Exception:
-                        body = None
-                    put(body[:-1] + suffix if body is not None and len(body) <= limit
-                        else splice_line(record, suffix, rest))
-                    if not len(lines) % flush_size:
-                        pipeline.full(lines)
-                    record = None
+                    ended_at = time()  # the end of this iteration is the start of the next
+                    generated = self._generated
+                    if generated is None and type(item) in _SCALARS:
+                        put((n, started_at, index, item, ended_at))  # the template's order
+                    else:
+                        self._generated = None
+                        done = {"type": "task", "task_id": prefix + str(n), "workflow_id": workflow_id,
+                                "started_at": started_at, "used": {"i": index, item_name: item},
+                                "ended_at": ended_at}
+                        if generated is not None:
+                            done["generated"] = generated
+                        put(splice_line(done, suffix, rest))
+                    if not len(entries) % flush_size:
+                        pipeline.full(entries)
+                    started_at = ended_at
+                    current_n = None
                     index += 1
                 return
             for item in self._items:
@@ -181,7 +209,7 @@ class FlowceptLoop:
         except GeneratorExit:
             # Left early: `break`/`return` (normal control flow: FINISHED), an exception in
             # the loop body (ERROR), or the iterator was closed or dropped (FINISHED).
-            if record is not None and _closed_by_exception(self._generator_ref):
+            if (record is not None or current_n is not None) and _closed_by_exception(self._generator_ref):
                 status = "ERROR"
                 error_text = "the loop body raised an exception"
             raise
@@ -194,6 +222,14 @@ class FlowceptLoop:
             raise
         finally:
             ended_at = time()
+            if batch is not None:
+                pipeline.remove_producer(batch)  # its last iterations, before the records below
+                if current_n is not None:
+                    record = {"type": "task", "task_id": prefix + str(current_n), "workflow_id": workflow_id,
+                              "started_at": started_at, "used": {"i": index, item_name: item}}
+                    if self._generated is not None:
+                        record["generated"] = self._generated
+                self._generated = None
             if record is not None:
                 record["ended_at"] = ended_at
                 full = {**record, **rest}
@@ -211,6 +247,97 @@ class FlowceptLoop:
                 "started_at": self._started_at, "ended_at": ended_at, "status": status,
                 "used": {"items_length": self._length}, "generated": {"iterations": index}, **run.rest,
             })
+
+
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+class _IterationBatch:
+    """A loop's finished iterations as tuples, until the pipeline's drain ``take()``s them.
+
+    Entries are ``(id number, started_at, index, item, ended_at)`` (the order of the fields
+    in the line) with an immutable scalar item, or a line already serialised (an iteration
+    the tuple form cannot hold). The loop appends (atomic under the GIL); ``take()`` runs
+    under the pipeline's drain lock and returns ``(workflow id, [(JSONL chunk, lines), ...])``.
+    A run of tuples becomes one chunk with one orjson call per column and one join: the
+    bytes the per-iteration path gives (same fields, order and number formatting).
+    """
+
+    __slots__ = ("workflow_id", "entries", "constants", "prefix", "item_name", "suffix", "rest")
+
+    def __init__(self, workflow_id: Optional[str], prefix: str, item_name: str, suffix: bytes, rest: dict):
+        self.workflow_id = workflow_id
+        self.entries: list = []
+        self.prefix = prefix
+        self.item_name = item_name
+        self.suffix = suffix
+        self.rest = rest
+        # What surrounds the five values of a line (task id number, started_at, i, item, ended_at).
+        self.constants = [
+            b'{"type":"task","task_id":' + orjson.dumps(prefix)[:-1],
+            b'","workflow_id":' + orjson.dumps(workflow_id) + b',"started_at":',
+            b',"used":{"i":',
+            b"," + orjson.dumps(item_name) + b":",
+            b'},"ended_at":',
+            suffix,
+        ]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def take(self) -> Tuple[Optional[str], List[Tuple[bytes, int]]]:
+        entries = self.entries
+        count = len(entries)
+        if not count:
+            return self.workflow_id, []
+        taken = entries[:count]
+        del entries[:count]  # iterations appended meanwhile are past `count`: kept
+        if bytes not in set(map(type, taken)):
+            return self.workflow_id, self._chunks(taken)
+        out: List[Tuple[bytes, int]] = []
+        run: list = []
+        for entry in taken:
+            if type(entry) is bytes:
+                if run:
+                    out.extend(self._chunks(run))
+                    run = []
+                out.append((entry, 1))
+            else:
+                run.append(entry)
+        if run:
+            out.extend(self._chunks(run))
+        return self.workflow_id, out
+
+    def _chunks(self, tuples: list) -> List[Tuple[bytes, int]]:
+        return [self._chunk(tuples[start:start + _CHUNK]) for start in range(0, len(tuples), _CHUNK)]
+
+    def _chunk(self, tuples: list) -> Tuple[bytes, int]:
+        count = len(tuples)
+        try:
+            columns = [_dumps(column)[1:-1].split(b",") for column in zip(*tuples)]
+            if any(len(column) != count for column in columns):
+                raise ValueError("a column does not split into one value per iteration")
+        except Exception:  # an int past 64 bits, ...: the per-iteration way
+            return b"".join([self._line(entry) for entry in tuples]), count
+        # The constant parts and the columns' values interleaved by slice assignment, then
+        # one join: no format call and no bytes object per line.
+        constants = self.constants
+        width = len(constants) + len(columns)
+        pieces: list = [None] * (width * count)
+        for j, part in enumerate(constants):
+            pieces[2 * j::width] = [part] * count
+        for j, column in enumerate(columns):
+            pieces[2 * j + 1::width] = column
+        return b"".join(pieces), count
+
+    def _line(self, entry: tuple) -> bytes:
+        n, started_at, index, item, ended_at = entry
+        return splice_line({"type": "task", "task_id": self.prefix + str(n), "workflow_id": self.workflow_id,
+                            "started_at": started_at, "used": {"i": index, self.item_name: item},
+                            "ended_at": ended_at}, self.suffix, self.rest)
+
+
+_CHUNK = 4096  # iterations per chunk: the pipeline's write size
 
 
 def _closed_by_exception(generator_ref: Any) -> bool:

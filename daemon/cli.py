@@ -62,8 +62,13 @@ def _run_options(function: Any) -> Any:
         click.option("--max-message-bytes", type=int, default=None, help="[daemon.max_message_bytes]"),
         click.option("--metrics-port", type=int, default=None, help="Prometheus port, 0 off [daemon.metrics_port]."),
         click.option("--metrics-host", default=None, help="[daemon.metrics_host]"),
-        click.option("--tcp-port", type=int, default=None, help="TCP port with CURVE, 0 off [daemon.tcp_port]."),
+        click.option("--tcp-port", type=int, default=None,
+                     help="TCP port with CURVE: 0 off, -1 any free port [daemon.tcp_port]."),
         click.option("--tcp-host", default="0.0.0.0", show_default=True, help="TCP bind address."),
+        click.option("--job-dir", default=None, type=click.Path(file_okay=False),
+                     help="Job directory: use the job's CURVE keys and register the TCP address there "
+                          "(set by flowcept-launch; see `flowcept daemon status --job`)."),
+        click.option("--job-step", default="0", show_default=True, help="Job step, for the job directory entry."),
         click.option("--exit-when-idle", is_flag=True, help="Exit once every registered client said goodbye."),
         click.option("--idle-grace", type=float, default=0.5, show_default=True,
                      help="Seconds with no live client before --exit-when-idle exits."),
@@ -105,6 +110,8 @@ def build_config(runtime_dir: Optional[str] = None, runtime_base: Optional[str] 
         metrics_host=pick(options.get("metrics_host"), "daemon.metrics_host"),
         tcp_port=pick(options.get("tcp_port"), "daemon.tcp_port"),
         tcp_host=options.get("tcp_host") or "0.0.0.0",
+        job_dir=os.path.abspath(options["job_dir"]) if options.get("job_dir") else None,
+        job_step=str(options.get("job_step") or "0"),
         exit_when_idle=bool(options.get("exit_when_idle")),
         idle_grace_s=options.get("idle_grace", 0.5),
         strict=bool(options.get("strict")),
@@ -208,15 +215,24 @@ def stop_command(runtime_dir: Optional[str], runtime_base: Optional[str], node: 
 @_daemon_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
 @click.option("--address", default=None, help="Ask this address instead of the local runtime directory.")
+@click.option("--job", "job_id", default=None,
+              help="Every node of this job, from any host: each node's daemon over TCP with the job's CURVE keys.")
+@click.option("--jobs-dir", default=None, type=click.Path(file_okay=False),
+              help="Where the job directories are [daemon.jobs_dir].")
+@click.option("--timeout", "timeout_s", default=3.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds to wait for each daemon.")
 def status_command(runtime_dir: Optional[str], runtime_base: Optional[str], node: Optional[str], as_json: bool,
-                   address: Optional[str]) -> None:
-    """What the daemon holds: clients, counters, files, latest telemetry."""
+                   address: Optional[str], job_id: Optional[str], jobs_dir: Optional[str], timeout_s: float) -> None:
+    """What the daemon holds: clients, counters, files, latest telemetry (--job: every node of a job)."""
     from flowcept.daemon_link import daemon_status
 
+    if job_id:
+        _job_status(job_id, jobs_dir, as_json, timeout_s)
+        return
     if address is None:
         ready = protocol.read_ready(_runtime_dir(runtime_dir, runtime_base, node))
         address = ready.get("address") if ready else None
-    status = daemon_status(address, timeout_s=3.0) if address else None
+    status = daemon_status(address, timeout_s=timeout_s) if address else None
     if status is None:
         if as_json:
             click.echo(json.dumps({"running": False, "address": address}))
@@ -228,6 +244,34 @@ def status_command(runtime_dir: Optional[str], runtime_base: Optional[str], node
         click.echo(json.dumps(status, default=str))
         return
     _print_status(status)
+
+
+def _job_status(job_id: str, jobs_dir: Optional[str], as_json: bool, timeout_s: float) -> None:
+    """One line per node daemon of the job; exit status 1 when any did not answer or refused us."""
+    from flowcept import job_registry
+
+    try:
+        statuses = job_registry.job_statuses(job_id, jobs_dir, timeout_s=timeout_s)
+    except (job_registry.JobKeysError, FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps({"job": job_id, "nodes": statuses}, default=str))
+    elif not statuses:
+        click.echo(f"job {job_id}: no node daemon registered (finished, or not started by flowcept-launch)")
+    else:
+        click.echo(f"job {job_id}: {len(statuses)} node daemon(s)")
+        for status in statuses:
+            where = f"{status.get('node')} (step {status.get('step')})"
+            if status.get("error"):
+                click.echo(f"  {where}: {status['error']} [{status.get('address')}]")
+                continue
+            counters, clients = status["counters"], status["clients"]
+            click.echo(f"  {where}: pid {status['pid']}, up {status['uptime_s']:.0f}s, clients "
+                       f"{clients['connected']} connected / {clients['finished']} finished / {clients['lost']} lost, "
+                       f"records received {counters['received']}, written {counters['written']}, "
+                       f"spilled {counters['spilled']}, dropped {counters['dropped']}")
+    if any(status.get("error") for status in statuses):
+        sys.exit(1)
 
 
 def _print_status(status: Dict[str, Any]) -> None:

@@ -68,8 +68,10 @@ class DaemonConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
-    tcp_port: int = 0
+    tcp_port: int = 0  # -1: any free port
     tcp_host: str = "0.0.0.0"
+    job_dir: Optional[str] = None  # per-job keys and node entries (flowcept.job_registry)
+    job_step: str = "0"
     exit_when_idle: bool = False
     idle_grace_s: float = 0.5
     strict: bool = False
@@ -180,6 +182,7 @@ class DaemonServer:
         self.hostname = socket_module.gethostname()
         self.address = protocol.ipc_address(config.runtime_dir)
         self.tcp_address: Optional[str] = None
+        self._job_entry: Optional[str] = None
         self.metrics_port: Optional[int] = None
         self.counters = Counters()
         self.clients: Dict[Tuple[int, bytes], Client] = {}
@@ -273,11 +276,21 @@ class DaemonServer:
         return router
 
     def _bind_tcp(self) -> None:
-        """TCP only with CURVE: keys under <runtime_dir>/curve, one authorised client key for the job."""
+        """TCP only with CURVE; one authorised client key.
+
+        With a job directory the keys are the job's (shared by every node's daemon, made by the
+        first) and the daemon registers its address there for cross-node status; without one they
+        live under <runtime_dir>/curve.
+        """
         import zmq.auth
         from zmq.auth.thread import ThreadAuthenticator
 
-        keys = os.path.join(self.config.runtime_dir, "curve")
+        if self.config.job_dir:
+            from flowcept import job_registry
+
+            keys = job_registry.ensure_keys(self.config.job_dir)
+        else:
+            keys = os.path.join(self.config.runtime_dir, "curve")
         authorized = os.path.join(keys, "authorized")
         os.makedirs(authorized, mode=0o700, exist_ok=True)
         if not os.path.exists(os.path.join(keys, "server.key_secret")):
@@ -296,10 +309,21 @@ class DaemonServer:
         router.curve_publickey = public
         router.curve_secretkey = secret
         router.curve_server = True
-        router.bind(f"tcp://{self.config.tcp_host}:{self.config.tcp_port}")
-        self.tcp_address = f"tcp://{self.config.tcp_host}:{self.config.tcp_port}"
+        if self.config.tcp_port < 0:
+            port = router.bind_to_random_port(f"tcp://{self.config.tcp_host}")
+        else:
+            port = self.config.tcp_port
+            router.bind(f"tcp://{self.config.tcp_host}:{port}")
+        self.tcp_address = f"tcp://{self.config.tcp_host}:{port}"
         self.curve_dir = keys
         self._sockets.append(router)
+        if self.config.job_dir:
+            from flowcept import job_registry
+
+            host = self.config.tcp_host if self.config.tcp_host not in ("0.0.0.0", "*") \
+                else job_registry.advertised_host()
+            self._job_entry = job_registry.register_node(self.config.job_dir, self.config.node,
+                                                         self.config.job_step, f"tcp://{host}:{port}", os.getpid())
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -692,6 +716,10 @@ class DaemonServer:
     # -- shutdown -------------------------------------------------------------------------------------
     def _shutdown(self) -> None:
         """Stop accepting, drain what is queued, flush and close the sinks, remove the ready file."""
+        if self._job_entry is not None:
+            from flowcept import job_registry
+
+            job_registry.unregister_node(self._job_entry)
         ready = protocol.ready_path(self.config.runtime_dir)
         try:
             os.unlink(ready)

@@ -160,6 +160,23 @@ def unregister_node(path: str) -> None:
         pass
 
 
+def remove_if_idle(directory: str) -> bool:
+    """Remove a job directory no daemon is registered in any more (the end of a job); True if removed.
+
+    A step starting at that very moment recreates it (keys included) when its daemon binds.
+    """
+    nodes = os.path.join(directory, "nodes")
+    try:
+        if any(name.endswith(".json") for name in os.listdir(nodes)):
+            return False
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    shutil.rmtree(directory, ignore_errors=True)
+    return not os.path.exists(directory)
+
+
 def list_nodes(directory: str) -> List[Dict[str, Any]]:
     """The registered daemons of a job, sorted by node then step."""
     nodes = os.path.join(directory, "nodes")
@@ -233,14 +250,20 @@ def remote_status(address: str, keys: Tuple[bytes, bytes, bytes], timeout_s: flo
 def job_statuses(job_id: str, base: Optional[str] = None, timeout_s: float = 2.0,
                  keys: Optional[Tuple[bytes, bytes, bytes]] = None) -> List[Dict[str, Any]]:
     """The status of every registered daemon of a job, asked in parallel; errors become entries."""
-    from concurrent.futures import ThreadPoolExecutor
-
     directory = job_dir(job_id, base)
-    entries = list_nodes(directory)
+    try:
+        os.stat(directory)
+    except PermissionError:
+        raise JobKeysError(f"cannot reach the job directory {directory}: permission denied (a job's "
+                           f"directory is readable only by the user who ran it)") from None
+    except FileNotFoundError:
+        list_nodes(directory)  # raises the explanatory FileNotFoundError
     if keys is None:
-        keys = client_keys(curve_dir(directory))
+        keys = client_keys(curve_dir(directory))  # first: an unreadable job says so plainly
+    entries = list_nodes(directory)
     if not entries:
         return []
+    from concurrent.futures import ThreadPoolExecutor
 
     def ask(entry: Dict[str, Any]) -> Dict[str, Any]:
         status = remote_status(entry["address"], keys, timeout_s)

@@ -30,7 +30,7 @@ import re
 import signal
 import sys
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from flowcept import protocol
 
@@ -146,11 +146,42 @@ class NodeDaemon:
         interval = launcher.options.telemetry_interval_s
         if interval is not None:
             command += ["--telemetry-interval", str(interval)]
+        command += self._remote_status_options(launcher)
         log = os.path.join(self.directory, "daemon.log")
         actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                    (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
                    (os.POSIX_SPAWN_DUP2, 1, 2)]
         self.pid = os.posix_spawn(sys.executable, command, self.env, file_actions=actions, setsid=True)
+
+    def _job_dir(self, launcher: Any) -> Optional[str]:
+        job = launcher.placement.job_id or self.env.get("FLOWCEPT_JOB_ID")
+        if not job or not launcher.settings["launch.remote_status"]:
+            return None
+        from flowcept.job_registry import job_dir
+
+        try:
+            return job_dir(str(job), launcher.settings["daemon.jobs_dir"])
+        except ValueError:
+            return None
+
+    def forget_job(self, launcher: Any) -> None:
+        """At the end of the job (global rank 0): remove the job directory once no daemon is in it."""
+        directory = self._job_dir(launcher)
+        if directory is not None:
+            from flowcept.job_registry import remove_if_idle
+
+            remove_if_idle(directory)
+
+    def _remote_status_options(self, launcher: Any) -> List[str]:
+        """TCP + CURVE and a job-directory entry, so every node of the job can be watched from any host.
+
+        The keys are made by the first daemon of the job (the launcher stays free of zmq).
+        """
+        directory = self._job_dir(launcher)
+        if directory is None:
+            return []
+        step = launcher.placement.step_id
+        return ["--tcp-port", "-1", "--job-dir", directory, "--job-step", "0" if step is None else str(step)]
 
     def alive(self) -> bool:
         """Reap the daemon if it exited (it is our child); True while it runs."""

@@ -23,6 +23,7 @@ def flowcept_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A tmp dir per test; the buffer files go to <tmp>/flowcept_buffer.jsonl."""
     monkeypatch.setenv("FLOWCEPT_PROJECT_DUMP_BUFFER_PATH", str(tmp_path / "flowcept_buffer.jsonl"))
     monkeypatch.delenv("FLOWCEPT_SETTINGS_PATH", raising=False)
+    monkeypatch.setenv("FLOWCEPT_DAEMON_JOBS_DIR", str(tmp_path / "jobs"))  # job keys stay out of $HOME
     monkeypatch.chdir(tmp_path)
     yield tmp_path
     # A test that failed inside a `with Flowcept()` must not leak its run into the next test.

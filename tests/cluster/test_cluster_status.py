@@ -1,0 +1,75 @@
+"""Cross-node status on the rig: from the login host, every node's daemon of a running job over
+TCP with the job's CURVE keys; a client without them is refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+INSTRUMENTED = str(REPO / "tests" / "launch_apps" / "instrumented.py")
+_script = Path(sys.executable).with_name("flowcept-launch")
+LAUNCH = [str(_script)] if _script.exists() else [sys.executable, "-m", "flowcept.launch"]
+NODES = ["node1", "node2", "node3", "node4"]
+
+pytest.importorskip("zmq")
+pytestmark = pytest.mark.cluster
+
+STRANGER = """
+import sys, zmq
+from flowcept import job_registry
+[entry] = [e for e in job_registry.list_nodes(job_registry.job_dir(sys.argv[1])) if e["node"] == "node3"]
+server_key = job_registry.client_keys(job_registry.curve_dir(job_registry.job_dir(sys.argv[1])))[0]
+public, secret = zmq.curve_keypair()
+print(job_registry.remote_status(entry["address"], (server_key, public, secret), 5)["error"])
+"""
+
+
+def test_status_and_top_of_every_node_from_the_login_host(ns_cluster, tmp_path: Path) -> None:
+    out, handshake = tmp_path / "out", tmp_path / "handshake"
+    out.mkdir()
+    handshake.mkdir()
+    args = ["srun", "-N", "4", "--ntasks-per-node=2", *LAUNCH, "--output-dir", str(out), "--",
+            sys.executable, INSTRUMENTED, "--tasks", "5", "--pause", str(handshake)]
+    job = ns_cluster.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(list(handshake.glob("ready-*"))) == 8 or job.poll() is not None, 60, "all ranks paused")
+        assert job.poll() is None, job.communicate()
+        [job_id] = ns_cluster.run(["squeue", "-h", "-o", "%i"]).stdout.split()
+
+        def every_node_answers() -> bool:
+            proc = ns_cluster.run([sys.executable, "-m", "flowcept.cli", "daemon", "status", "--job", job_id,
+                                   "--json"], check=False)
+            if proc.returncode != 0:
+                return False
+            nodes = json.loads(proc.stdout)["nodes"]
+            return sorted(n["node"] for n in nodes) == NODES and all("error" not in n for n in nodes)
+
+        wait_for(every_node_answers, 30, "every node's daemon to answer over TCP")
+        report = json.loads(ns_cluster.run([sys.executable, "-m", "flowcept.cli", "daemon", "status", "--job",
+                                            job_id, "--json"]).stdout)
+        by_node = {n["node"]: n for n in report["nodes"]}
+        for index, node in enumerate(NODES, 1):
+            assert by_node[node]["tcp_address"].startswith(f"tcp://10.79.0.{10 + index}:")  # the node's own address
+            assert by_node[node]["hostname"] == node
+            assert by_node[node]["clients"]["connected"] >= 2  # the node's two ranks (and its launcher)
+
+        top = ns_cluster.run([sys.executable, "-m", "flowcept.cli", "top", "--job", job_id, "--once"])
+        assert all(node in top.stdout for node in NODES), top.stdout
+
+        refused = ns_cluster.run([sys.executable, "-c", STRANGER, job_id]).stdout.strip()
+        assert refused.startswith("refused"), refused
+        (handshake / "go").write_text("")
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(timeout=10)
+    assert job.returncode == 0, stdout + stderr
+    after = ns_cluster.run([sys.executable, "-m", "flowcept.cli", "daemon", "status", "--job", job_id], check=False)
+    assert after.returncode != 0 and "no job directory" in after.stderr  # removed at the end of the job

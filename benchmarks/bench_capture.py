@@ -11,6 +11,7 @@ Figures: wall time per task for ``with FlowceptTask(...) as t: t.end(generated=.
 ``@flowcept_task`` call and a ``FlowceptLoop`` iteration, each timed from the first capture to
 the end of ``stop()`` (so deferred serialisation, file writes and consolidation count); the
 median ``import flowcept`` time in fresh interpreters; resident memory growth per captured record.
+Each repeat's output files are deleted after it (untimed, for both packages; see ``remove_outputs``).
 Targets (issue #2): 2 µs, 2.5 µs, 1 µs, 30 ms.
 """
 
@@ -157,9 +158,25 @@ def measure(n: int, repeats: int, memory_n: int) -> dict:
     results["memory_bytes_per_record"] = bench_memory(memory_n)  # first: a fresh heap
     for name, func in (("plain_us", bench_plain), ("task_us", bench_task), ("decorator_us", bench_decorator),
                        ("loop_us", bench_loop)):
-        results[name] = min(func(n) for _ in range(repeats))
+        times = []
+        for _ in range(repeats):
+            times.append(func(n))
+            remove_outputs()
+        results[name] = min(times)
     results["memory_n"] = memory_n
     return results
+
+
+def remove_outputs() -> None:
+    """Delete the files a timed run left in the scratch directory (untimed, both packages alike).
+
+    Without this, every repeat writes its tens of MB into page-cache pages the VM has never
+    touched (first-touch faults cost ~10x a recycled page here), so figures would depend on
+    the machine's memory history more than on the code measured.
+    """
+    for name in os.listdir("."):
+        if name.startswith("flowcept_buffer") and os.path.isfile(name):
+            os.unlink(name)
 
 
 def run_child(python: str, args: argparse.Namespace) -> dict:

@@ -92,6 +92,10 @@ class FileTransport:
         self._error_logged = False
         self._unsynced_bytes = 0
         self._unsynced: set = set()  # workflow ids written to since the last sync
+        self._to_sync: set = set()  # paths the sync thread is to sync
+        self._sync_thread: Optional[threading.Thread] = None
+        self._sync_wake = threading.Event()
+        self._sync_stop = False
 
     def path_for(self, workflow_id: Optional[str]) -> str:
         path = self._paths.get(workflow_id)
@@ -167,13 +171,10 @@ class FileTransport:
             self._error_logged = False
 
     def background(self) -> None:
-        """Sync written data past ``_BACKGROUND_SYNC_BYTES`` (fsync policy "stop"); flusher thread only.
+        """Have data past ``_BACKGROUND_SYNC_BYTES`` synced (fsync policy "stop"); called by the flusher.
 
-        The sync runs outside the lock, on a descriptor of its own (opened read-only by path:
-        a ``dup`` would share the writer's flock and make a consolidation that starts
-        meanwhile take the file for a live writer's): a capturing thread that drains under
-        back-pressure is never held up by the disk, and a workflow closed in the meantime
-        cannot have its descriptor number reused under us.
+        Cheap: the sync itself runs in a thread of its own (started on first use), so the
+        flusher goes on draining while the disk works.
         """
         if self.fsync_policy != "stop" or self._unsynced_bytes < _BACKGROUND_SYNC_BYTES:
             return
@@ -181,17 +182,40 @@ class FileTransport:
             paths = [self._paths[w] for w in self._unsynced if w in self._fds]
             self._unsynced.clear()
             self._unsynced_bytes = 0
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError:  # renamed by a consolidation meanwhile: its sync is the merge's
-                continue
-            try:
-                _datasync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+        if not paths:
+            return
+        self._to_sync.update(paths)
+        thread = self._sync_thread
+        if thread is None or not thread.is_alive():
+            thread = self._sync_thread = threading.Thread(target=self._sync_loop, name="flowcept-sync",
+                                                          daemon=True)
+            thread.start()
+        self._sync_wake.set()
+
+    def _sync_loop(self) -> None:
+        """The sync thread: data syncs of the paths ``background()`` hands over, until close().
+
+        Each sync runs on a descriptor of its own, opened read-only by path: a ``dup`` would
+        share the writer's flock (a consolidation starting meanwhile would take the file for a
+        live writer's), and a workflow closed meanwhile cannot have its descriptor number
+        reused under us. A path renamed by a consolidation is skipped (its sync is the merge's).
+        """
+        wake = self._sync_wake
+        while not self._sync_stop:
+            wake.wait()
+            wake.clear()
+            while self._to_sync:
+                path = self._to_sync.pop()
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    continue
+                try:
+                    _datasync(fd)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
 
     def flush(self, durable: bool = False) -> None:
         with self._lock:
@@ -226,6 +250,8 @@ class FileTransport:
         with self._lock:
             for workflow_id in list(self._fds):
                 self.close_workflow(workflow_id)
+        self._sync_stop = True
+        self._sync_wake.set()
 
     def abandon(self) -> None:
         """Forget descriptors inherited through fork without touching the parent's files."""
@@ -240,6 +266,8 @@ class FileTransport:
         self._pending_bytes = 0
         self._unsynced.clear()
         self._unsynced_bytes = 0
+        self._to_sync.clear()
+        self._sync_thread = None  # the parent's; not running in this process
 
 
 class MemoryOnlyTransport:

@@ -246,17 +246,11 @@ class Pipeline:
                     logger.exception("flowcept transport background work failed")
 
     def drain(self) -> int:
-        """Hand everything queued to the transport; returns the number of records moved.
-
-        One transport call per workflow per drain (``send_parts`` where the transport has it:
-        one system call): a flusher that gives up the GIL for every write waits up to a
-        switch interval (5 ms) to get it back while the application captures, and falls behind.
-        """
+        """Hand everything queued to the transport; returns the number of records moved."""
         moved = 0
         with self._drain_lock:
             for producer in self.producers:
                 self._collect(producer)
-            out: Dict[Optional[str], List[Tuple[bytes, int]]] = {}
             # The lists first: a workflow's file starts with its start line (the in-place
             # merge at stop() needs it there), whatever a producer holds.
             for workflow_id, lines in list(self.lists.items()):
@@ -265,34 +259,20 @@ class Pipeline:
                     continue
                 taken = lines[:count]
                 del lines[:count]  # appends that raced with us are past `count`: kept
-                parts = out.setdefault(workflow_id, [])
+                moved += count
                 for start in range(0, count, _WRITE_BATCH):
                     batch = taken[start:start + _WRITE_BATCH] if count > _WRITE_BATCH else taken
-                    parts.append((b"".join(batch), len(batch)))
+                    self._send(workflow_id, batch)
             if self.chunks:
                 chunks, self.chunks = self.chunks, {}
                 for workflow_id, counted in chunks.items():
-                    out.setdefault(workflow_id, []).extend(counted)
-            for workflow_id, parts in out.items():
-                moved += sum(count for _, count in parts)
-                self._send_parts(workflow_id, parts)
+                    for chunk, count in counted:
+                        moved += count
+                        self._send_payload(workflow_id, chunk, count)
         return moved
 
-    def _send_parts(self, workflow_id: Optional[str], parts: List[Tuple[bytes, int]]) -> None:
-        send_parts = getattr(self.transport, "send_parts", None)
-        if send_parts is None:
-            for payload, count in parts:
-                self._send_payload(workflow_id, payload, count)
-            return
-        total = sum(count for _, count in parts)
-        try:
-            self.records_serialized += total
-            send_parts(workflow_id, parts)
-            for payload, count in parts:
-                self.view.add_payload(workflow_id, payload, count)
-        except Exception:  # never into the application; count and log
-            self.flush_errors += 1
-            logger.exception("flowcept could not flush %d records", total)
+    def _send(self, workflow_id: Optional[str], batch: List[bytes]) -> None:
+        self._send_payload(workflow_id, b"".join(batch), len(batch))
 
     def _send_payload(self, workflow_id: Optional[str], payload: bytes, count: int) -> None:
         try:

@@ -36,7 +36,6 @@ _BACKGROUND_SYNC_BYTES = 4 * 1024 * 1024
 # Data (and the size needed to read it back), not the inode's timestamps: what a killed job
 # or a crashed node needs, for less I/O than fsync.
 _datasync = getattr(os, "fdatasync", os.fsync)
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16, 1024)
 
 
 def safe_name(text: str) -> str:
@@ -139,34 +138,6 @@ class FileTransport:
                     self._unsynced.discard(workflow_id)
             except OSError as error:
                 self._keep(workflow_id, payload, count, error)
-
-    def send_parts(self, workflow_id: Optional[str], parts: List[Tuple[bytes, int]]) -> None:
-        """Deliver several ``(payload, count)`` of one workflow with one ``writev`` (one GIL release)."""
-        with self._lock:
-            if self._pending:
-                self._retry_pending()
-            index = 0
-            try:
-                fd = self._fd(workflow_id)
-                views = [memoryview(payload) for payload, _ in parts]
-                while index < len(views):
-                    written = os.writev(fd, views[index:index + _IOV_MAX])
-                    while written and index < len(views):
-                        size = len(views[index])
-                        if written < size:
-                            views[index] = views[index][written:]
-                            break
-                        written -= size
-                        self.records_written += parts[index][1]
-                        self._unsynced_bytes += len(parts[index][0])
-                        index += 1
-                    self._unsynced.add(workflow_id)
-                if self.fsync_policy == "flush":
-                    _datasync(fd)
-                    self._unsynced.discard(workflow_id)
-            except OSError as error:
-                for payload, count in parts[index:]:
-                    self._keep(workflow_id, payload, count, error)
 
     def _keep(self, workflow_id: Optional[str], payload: bytes, count: int, error: OSError) -> None:
         """A write failed (full disk, quota, vanished directory): keep the batch for a retry."""

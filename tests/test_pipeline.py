@@ -158,19 +158,3 @@ def test_background_sync_leaves_the_file_to_consolidation(tmp_path, monkeypatch)
     with open(path, "rb") as handle:  # what consolidation checks before taking a file over
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert handle.read().count(b"\n") == 4
-
-
-def test_send_parts_writes_every_part_in_order(tmp_path, monkeypatch):
-    """One writev per drain and workflow; more parts than IOV_MAX still arrive whole and in order."""
-    from flowcept import transport as transport_module
-    from flowcept.transport import FileTransport
-
-    monkeypatch.setattr(transport_module, "_IOV_MAX", 3)
-    transport = FileTransport(str(tmp_path / "buf.jsonl"), "host", fsync="never")
-    parts = [(b"".join(b'{"type":"task","task_id":"%d.%d"}\n' % (k, j) for j in range(k + 1)), k + 1)
-             for k in range(10)]
-    transport.send_parts("wf", parts)
-    transport.close_workflow("wf")
-    with open(transport.path_for("wf"), "rb") as handle:
-        assert handle.read() == b"".join(payload for payload, _ in parts)
-    assert transport.records_written == sum(count for _, count in parts)

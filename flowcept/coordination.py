@@ -21,6 +21,18 @@ logger = logging.getLogger(__name__)
 _NAMESPACE = uuid.UUID("6f0c6a52-7d55-4b8e-9d0e-5f1c2a7b9e11")
 
 
+def _job_scope() -> str:
+    """What tells apart two jobs of the same id: the cluster, and the job's start when known.
+
+    Job ids repeat across clusters sharing one database, and on one cluster after its controller
+    state is reset; every rank of one job sees the same values. Empty outside Slurm (the seed is
+    then what it always was).
+    """
+    cluster = os.environ.get("SLURM_CLUSTER_NAME", "")
+    started = os.environ.get("SLURM_JOB_START_TIME", "")
+    return f"{cluster}@{started}/" if cluster or started else ""
+
+
 class Coordinator:
     """No communication: a single process, or ranks that agree through the environment."""
 
@@ -49,7 +61,7 @@ class Coordinator:
             if value:
                 out[key] = str(value)
             elif derive:
-                seed = f"{job}.{self.placement.step_id}.{name or ''}.{key}"
+                seed = f"{_job_scope()}{job}.{self.placement.step_id}.{name or ''}.{key}"
                 out[key] = str(uuid.uuid5(_NAMESPACE, seed))
             else:
                 out[key] = str(uuid.uuid4())

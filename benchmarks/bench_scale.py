@@ -44,13 +44,19 @@ def _count_lines(path: str) -> int:
     return count
 
 
-def _consolidate(workflow_id: str, buffer_path: str) -> dict:
+def _hdf5_records(path: str) -> int:
+    from flowcept.hdf5_store import iter_hdf5_lines
+
+    return sum(1 for _ in iter_hdf5_lines(path))
+
+
+def _consolidate(workflow_id: str, buffer_path: str, fmt: str = "jsonl") -> dict:
     """Run consolidation in a child process; its wall time and peak RSS (from wait4's rusage)."""
     code = ("import sys; from flowcept.consolidation import consolidate, consolidated_path; "
-            "consolidate(sys.argv[2], sys.argv[1], cleanup_files=False); "
-            "print(consolidated_path(sys.argv[2], sys.argv[1]))")
+            "consolidate(sys.argv[2], sys.argv[1], output_format=sys.argv[3], cleanup_files=False); "
+            "print(consolidated_path(sys.argv[2], sys.argv[1], sys.argv[3]))")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, workflow_id, buffer_path],
+    proc = subprocess.Popen([sys.executable, "-c", code, workflow_id, buffer_path, fmt],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -58,7 +64,8 @@ def _consolidate(workflow_id: str, buffer_path: str) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"consolidation failed: {stderr[-2000:]}")
     output = stdout.strip().splitlines()[-1]
-    return {"seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "records": _count_lines(output),
+    records = _count_lines(output) if fmt == "jsonl" else _hdf5_records(output)
+    return {"seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "records": records,
             "bytes": os.path.getsize(output)}
 
 
@@ -103,7 +110,11 @@ def main() -> None:
     rank_results = [json.loads(p.read_text()) for p in results.glob("rank*.json")]
     assert len(rank_results) == ranks, f"{len(rank_results)} of {ranks} ranks reported"
     rates = sorted(r["tasks"] / r["capture_s"] for r in rank_results)
-    print(f"job wall time {job_s:.1f} s")
+    print(f"job wall time {job_s:.1f} s; {ranks * args.tasks / job_s:,.0f} tasks/s for the whole machine")
+    cpu = sorted(r["capture_cpu_s"] / r["tasks"] * 1e6 for r in rank_results)
+    print(f"capture CPU per task (process time of each rank, flusher thread included): median "
+          f"{statistics.median(cpu):.2f} us, max {cpu[-1]:.2f} us; a rank on a core of its own would capture "
+          f"{1e6 / statistics.median(cpu):,.0f} tasks/s")
     print(f"capture per rank: median {statistics.median(rates):,.0f} tasks/s "
           f"({1e6 / statistics.median(rates):.2f} us/task), slowest {rates[0]:,.0f}, fastest {rates[-1]:,.0f}; "
           f"stop() median {statistics.median(r['stop_s'] for r in rank_results) * 1e3:.1f} ms")
@@ -146,6 +157,15 @@ def main() -> None:
     print(f"consolidation (1/10 input): {small['records']:,} records in {small['seconds']:.1f} s = "
           f"{small['records'] / small['seconds']:,.0f} records/s; peak RSS {small['peak_rss_mib']:.0f} MiB "
           f"(full/small peak RSS ratio {full['peak_rss_mib'] / small['peak_rss_mib']:.2f} for 10x the input)")
+    try:
+        import h5py  # noqa: F401
+
+        h5 = _consolidate(workflow_id, str(small_dir / "flowcept_buffer.jsonl"), "hdf5")
+        print(f"consolidation to HDF5 (1/10 input): {h5['seconds']:.1f} s = "
+              f"{small['records'] / h5['seconds']:,.0f} records/s; peak RSS {h5['peak_rss_mib']:.0f} MiB; "
+              f"{h5['bytes'] / 2**20:,.0f} MiB")
+    except ImportError:
+        print("h5py not installed: HDF5 consolidation skipped")
     self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"(this script's own peak RSS: {self_rss:.0f} MiB)")
     if args.keep:

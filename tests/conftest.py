@@ -101,7 +101,10 @@ def ns_cluster():
     missing = missing_requirements()
     if missing:
         pytest.skip(f"the namespace cluster needs: {', '.join(missing)}")
-    cluster = NamespaceCluster(nodes=int(os.environ.get("FLOWCEPT_RIG_NODES", "4")))
+    # FLOWCEPT_RIG_TAG: a second rig beside a running one (own names, subnet 10.79.<tag>.0/24)
+    tag = int(os.environ.get("FLOWCEPT_RIG_TAG", "0"))
+    base = Path("/tmp/flowcept-nscluster" + (f"-{tag}" if tag else ""))
+    cluster = NamespaceCluster(nodes=int(os.environ.get("FLOWCEPT_RIG_NODES", "4")), base=base, tag=tag)
     cluster.up()
     try:
         yield cluster

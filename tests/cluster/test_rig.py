@@ -27,7 +27,7 @@ def test_every_node_has_its_own_address_and_hostname(ns_cluster) -> None:
     out = ns_cluster.run(["srun", "-N", "4", "--ntasks-per-node=1", "-l", "sh", "-c",
                           "echo $(hostname) $SLURMD_NODENAME $(ip -4 -o addr show eth0 | awk '{print $4}')"]).stdout
     rows = sorted(line.split(": ", 1)[1].split() for line in out.strip().splitlines())
-    assert rows == [[f"node{i}", f"node{i}", f"10.79.0.{10 + i}/24"] for i in range(1, 5)]
+    assert rows == [[f"node{i}", f"node{i}", f"{ns_cluster.node_ip(i)}/24"] for i in range(1, 5)]
 
 
 def test_a_second_rig_comes_up_and_leaves_nothing_behind(ns_cluster, tmp_path: Path) -> None:
@@ -37,10 +37,10 @@ def test_a_second_rig_comes_up_and_leaves_nothing_behind(ns_cluster, tmp_path: P
     before_ns, before_links = _netns(), _links()
     # munged runs as user munge: its directory must be reachable by it (not under pytest's 0700 tmp)
     base = Path(f"/tmp/flowcept-nscluster-test-{os.getpid()}")
-    rig = NamespaceCluster(nodes=2, base=base, tag=7, warm_up=False)
+    rig = NamespaceCluster(nodes=2, base=base, tag=ns_cluster.tag + 7, warm_up=False)
     rig.up()
     try:
-        assert _netns() - before_ns == {"fcp7-head", "fcp7-login", "fcp7-n1", "fcp7-n2"}
+        assert _netns() - before_ns == set(rig.namespaces())
         out = rig.run(["srun", "-N", "2", "-l", "hostname"]).stdout
         assert sorted(line.split(": ")[1] for line in out.strip().splitlines()) == ["node1", "node2"]
         daemons = [int((base / "run" / f).read_text()) for f in ("slurmd-node1.pid", "slurmctld.pid")]

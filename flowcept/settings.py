@@ -112,6 +112,9 @@ KEYS: Tuple[Key, ...] = (
     # launch
     Key("launch.ready_timeout_s", 30.0, "float", "How long ranks wait for their node daemon."),
     Key("launch.finish_timeout_s", 120.0, "float", "How long rank 0 waits for all ranks to finish."),
+    Key("launch.collect_wait_s", 60.0, "float",
+        "How long a finished rank leaves its record to its node's starter (one file per node on the "
+        "shared filesystem) before writing its own file."),
     Key("launch.remote_status", True, "bool",
         "Node daemons of a job also listen on TCP (ephemeral port, CURVE with per-job keys) and register "
         "in the job directory (daemon.jobs_dir), so `flowcept daemon status --job` sees every node."),

@@ -12,8 +12,11 @@ matters (``benchmarks/bench_launch.py``), so the launcher process stays small:
   to this launcher's own per-process file, where consolidation finds it like any other source.
 
 Ranks never talk to each other: they agree on ids through the job's environment and meet through
-files in the output directory (one done-marker per rank, keyed by workflow id), so a rank that
-dies cannot hang the others for longer than ``launch.finish_timeout_s``.
+files: with a node daemon, each rank leaves its records and exit code in the node-local runtime
+directory and the node's starter moves them into one file per node on the shared filesystem, with
+one done-marker per node (``launch/waiter.py``); without one, each rank writes its own file and
+marker. Markers are keyed by workflow id, so a rank that dies cannot hang the others for longer
+than ``launch.finish_timeout_s``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from flowcept.placement import Placement, detect
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 MARKER_DIR_PREFIX = ".flowcept_launch_"
 _POLL_FIRST_S = 0.001
-_POLL_MAX_S = 0.02  # longest sleep between two looks at a marker directory
+_POLL_MAX_S = 0.02  # longest sleep between two looks at a file, for the first fraction of a second
+_POLL_SLOW_MAX_S = 0.2  # longest sleep of a long wait on the shared filesystem (rank 0's markers)
 
 
 class LaunchOptions:
@@ -87,14 +91,17 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
-def poll_until(ready: Any, timeout_s: float) -> bool:
+def poll_until(ready: Any, timeout_s: float, slow: bool = False) -> bool:
     """Call ``ready()`` until it is true or ``timeout_s`` passed; sleeps grow from 1 ms to 20 ms.
 
     Used for files other processes (maybe on other nodes, on a shared filesystem) create, where
     there is nothing to block on; the short first sleeps keep the common case (already there, or
-    there within milliseconds) cheap.
+    there within milliseconds) cheap. With ``slow`` the longest sleep then grows with the time
+    already waited (a tenth of it, up to 0.2 s): a long wait lists a shared directory a few times
+    a second, not fifty, and ends at most ~10% later than it could have.
     """
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = start + timeout_s
     delay = _POLL_FIRST_S
     while True:
         if ready():
@@ -103,7 +110,8 @@ def poll_until(ready: Any, timeout_s: float) -> bool:
         if now >= deadline:
             return False
         time.sleep(min(delay, deadline - now))  # polling another process's file, bounded by the deadline
-        delay = min(delay * 2, _POLL_MAX_S)
+        longest = min(_POLL_SLOW_MAX_S, max(_POLL_MAX_S, (now - start) / 10)) if slow else _POLL_MAX_S
+        delay = min(delay * 2, longest)
 
 
 def marker_dir(base_path: str, workflow_id: str) -> str:
@@ -111,25 +119,57 @@ def marker_dir(base_path: str, workflow_id: str) -> str:
     return os.path.join(os.path.dirname(base_path), MARKER_DIR_PREFIX + workflow_id)
 
 
-def write_marker(directory: str, rank: int, outcome: RankOutcome) -> None:
-    """Say this rank is done: written to a temp name and renamed, so a marker is never partial."""
-    from flowcept.launch.waiter import write_marker as write
+def node_marker_path(directory: str, node: str, collector_pid: Optional[int] = None) -> str:
+    """``node-<node>.done`` (the node's starter) or ``node-<node>-<pid>.done`` (a later collector)."""
+    from flowcept.transport import safe_name
 
-    write(directory, rank, outcome.exit_code)
+    suffix = "" if collector_pid is None else f"-{collector_pid}"
+    return os.path.join(directory, f"node-{safe_name(node)}{suffix}.done")
 
 
-def count_markers(directory: str) -> int:
-    """How many ranks left their done marker."""
-    try:
-        return sum(1 for name in os.listdir(directory) if name.endswith(".done"))
-    except FileNotFoundError:
-        return 0
+class DoneRanks:
+    """Which ranks are done, from the markers: ``rank-<N>.done`` and ``node-*.done`` (JSON, many ranks).
+
+    Each marker is read once (they are renamed into place whole); a rank two markers name (a
+    collector that took over from a starter that died) counts once.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.seen: set = set()
+        self.exit_codes: Dict[int, Any] = {}
+
+    def count(self) -> int:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return len(self.exit_codes)
+        for name in names:
+            if not name.endswith(".done") or name in self.seen:
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                if name.startswith("rank-"):
+                    with open(path) as handle:
+                        text = handle.read().strip()
+                    self.exit_codes[int(name[5:-5])] = int(text) if text.lstrip("-").isdigit() else None
+                elif name.startswith("node-"):
+                    import json
+
+                    with open(path, "rb") as handle:
+                        ranks = json.loads(handle.read())["ranks"]
+                    self.exit_codes.update((int(rank), code) for rank, code in ranks.items())
+            except (OSError, ValueError, KeyError, AttributeError):
+                continue  # not readable yet: looked at again next time
+            self.seen.add(name)
+        return len(self.exit_codes)
 
 
 def wait_for_markers(directory: str, count: int, timeout_s: float) -> int:
-    """Wait (deadline-bounded) until ``count`` ranks are done; return how many were."""
-    poll_until(lambda: count_markers(directory) >= count, timeout_s)
-    return count_markers(directory)
+    """Wait (deadline-bounded, polls slowing down as the wait grows) until ``count`` ranks are done."""
+    done = DoneRanks(directory)
+    poll_until(lambda: done.count() >= count, timeout_s, slow=True)
+    return done.count()
 
 
 def _remove_markers(directory: str) -> None:
@@ -312,14 +352,15 @@ class RankLauncher:
         if self.child_pid is not None:
             self._wait_child(outcome)
         trace("child reaped")
+        data = b""
         try:
-            from flowcept.launch.rank_record import write_rank_file
+            from flowcept.launch.rank_record import rank_records
 
-            write_rank_file(self, outcome, workflow)
+            data = rank_records(self, outcome, workflow)
         except Exception as error:
             _say(f"could not record rank {self.rank}'s process: {error}")
-        trace("rank file")
-        self._finish(outcome)
+        trace("rank records")
+        self._finish(outcome, data)
         if _TRACE:
             import resource
 
@@ -339,12 +380,9 @@ class RankLauncher:
 
         from flowcept.launch import rank_record
 
-        spec = {"child_pid": self.child_pid, "exited_at": self.child_exited_at, "rank": self.rank,
-                "record": rank_record.process_record(self, outcome.started_at, self.child_pid),
-                "rank_file": rank_record.rank_file_path(self),
-                "fsync": self.settings["project.dump_buffer.fsync"] != "never",
-                "bye_path": self.daemon.bye_path(self.rank) if self.daemon is not None else None,
-                "marker_dir": marker_dir(self.base_path, self.ids["workflow_id"])}
+        spec = self._end_spec()
+        spec.update(child_pid=self.child_pid, exited_at=self.child_exited_at,
+                    record=rank_record.process_record(self, outcome.started_at, self.child_pid))
         argv = [sys.executable, "-I", "-S", os.path.join(os.path.dirname(os.path.abspath(__file__)), "waiter.py"),
                 json.dumps(spec, default=str)]
         blocked = (*FORWARDED_SIGNALS, signal.SIGCHLD)
@@ -357,6 +395,24 @@ class RankLauncher:
         except OSError as error:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
             _say(f"could not start the waiter ({error}); waiting in the launcher")
+
+    def _end_spec(self) -> Dict[str, Any]:
+        """Where this rank's records and done state go (``waiter.finish_rank``; the waiter gets it as JSON)."""
+        from flowcept.launch import rank_record
+
+        workflow_id = self.ids["workflow_id"]
+        markers = marker_dir(self.base_path, workflow_id)
+        spec: Dict[str, Any] = {"rank": self.rank, "workflow_id": workflow_id,
+                                "rank_file": rank_record.rank_file_path(self),
+                                "fsync": self.settings["project.dump_buffer.fsync"] != "never",
+                                "marker_dir": markers, "node_dir": None}
+        if self.daemon is not None:
+            pid = os.getpid()  # the waiter keeps it: a later collector's names are fixed now
+            spec.update(node_dir=self.daemon.directory, node=self.placement.node_name,
+                        node_ranks_path=rank_record.node_ranks_path(self, pid),
+                        node_marker=node_marker_path(markers, self.placement.node_name, pid),
+                        hold_s=self.settings["launch.collect_wait_s"])
+        return spec
 
     def _load_into_mongodb(self, workflow_id: str) -> None:
         """With MongoDB on, load what went to files (rank and workflow records, spilled batches).
@@ -373,15 +429,23 @@ class RankLauncher:
             return
         trace(f"mongodb load: {loaded} records")
 
-    def _finish(self, outcome: RankOutcome) -> None:
-        """Say goodbye (daemon, marker); global rank 0 then waits and consolidates."""
+    def _finish(self, outcome: RankOutcome, data: bytes) -> None:
+        """Leave the records and say done (node starter: for the whole node); rank 0 then waits and consolidates."""
         workflow_id = self.ids["workflow_id"]
         markers = marker_dir(self.base_path, workflow_id)
         interrupted = self.received_signal is not None
-        if self.daemon is not None:
-            self.daemon.goodbye(self, interrupted)
+        spec = self._end_spec()
+        if interrupted and "hold_s" in spec:
+            from flowcept.launch.waiter import INTERRUPTED_HOLD_S
+
+            spec["hold_s"] = min(spec["hold_s"], INTERRUPTED_HOLD_S)
+        if self.daemon is not None and self.daemon.is_starter and self.daemon.pid is not None:
+            self.daemon.finish_node(self, spec, data, outcome.exit_code, interrupted)
+        else:
+            from flowcept.launch.waiter import finish_rank
+
+            finish_rank(spec, data, outcome.exit_code)
         trace("goodbye")
-        write_marker(markers, self.rank, outcome)
         if self.rank != 0:
             return
         timeout = self.settings["launch.finish_timeout_s"]

@@ -13,11 +13,15 @@ daemon's ready file and registers the workflow with it, so the node's telemetry 
 the workflow even when the application itself is not instrumented. A daemon that never gets
 ready is stopped and reported once per node.
 
-At the end each rank leaves a ``bye-<rank>`` file in the runtime directory once its command has
-exited (its records are acknowledged or spilled by then); the starter waits (bounded) for all of
-its node's ranks, says goodbye to the daemon (which samples the node once more), sends SIGTERM
-(the daemon drains, flushes and exits 0) and waits for the exit. Only then does it write its own
-done marker, so global rank 0 never consolidates before every node's daemon has flushed.
+At the end each rank leaves ``bye-<rank>`` in the runtime directory once its command has exited
+(its records are acknowledged or spilled by then): a header with its exit code, then its own
+process task (``launch/waiter.py``). The starter waits (bounded) for all of its node's ranks, moves
+every ``bye-`` into one ``<stem>_<wf>_ranks-<node>.jsonl`` on the shared filesystem and lets go of
+its lock (the node's ranks, blocked on it, then exit), says goodbye to the daemon (which samples
+the node once more), sends SIGTERM (the daemon drains, flushes and exits 0) and waits for the
+exit. Only then does it write the node's one done marker (its ranks and their exit codes), so
+global rank 0 never consolidates before every node's daemon has flushed. The shared filesystem
+sees two files per node (the daemon's and the ranks') and one marker, however many ranks.
 
 Everything node-local (runtime directory, socket, bye files) is keyed by node name and launch,
 never by a path or pid space the nodes may share.
@@ -278,38 +282,52 @@ class NodeDaemon:
             self._context.term()
             self._context = None
 
-    # -- every rank -------------------------------------------------------------------------------
-    def bye_path(self, rank: int) -> str:
-        """Where rank ``rank`` says goodbye; the directory is made (it may end before the starter began)."""
+    # -- the end of the node ----------------------------------------------------------------------
+    def finish_node(self, launcher: Any, spec: Dict[str, Any], data: bytes, exit_code: int,
+                    interrupted: bool) -> None:
+        """Starter: wait for the node's ranks, move their records to one shared file, stop the daemon, mark.
+
+        ``spec`` is this rank's ``RankLauncher._end_spec()`` (the collector file names of a rank
+        that is not the starter carry its pid; the starter's do not).
+        """
+        from flowcept.launch import rank_record, waiter
+        from flowcept.launch.launcher import node_marker_path, trace
+
+        workflow_id = spec["workflow_id"]
         try:
             protocol.make_private_dir(self.directory)
-        except OSError:
-            pass
-        return os.path.join(self.directory, f"bye-{rank}")
-
-    def goodbye(self, launcher: Any, interrupted: bool) -> None:
-        """Say this rank is flushed; the starter then stops the daemon and waits for its exit."""
-        from flowcept.launch.waiter import touch
-
-        touch(self.bye_path(launcher.rank))
-        if not self.is_starter or self.pid is None:
-            return
+            waiter.write_bye(self.directory, launcher.rank, workflow_id, exit_code, data)
+        except OSError as error:
+            _say(f"rank {launcher.rank}: node directory unusable ({error}); writing its own file")
+            waiter.finish_rank(dict(spec, node_dir=None), data, exit_code)
         timeout = min(launcher.settings["launch.finish_timeout_s"], 3.0 if interrupted else 1e9)
-
         since = launcher.started_at - _STALE_S
-
-        def node_done() -> bool:
-            return not self.alive() or self._byes(since) >= self.local_ranks
-
-        from flowcept.launch.launcher import trace
-
-        _poll(node_done, timeout)
+        _poll(lambda: self._byes(since) >= self.local_ranks, timeout)
         trace("node ranks done")
+        ranks, body, paths = waiter.gather(self.directory, workflow_id)
+        try:
+            if body:
+                waiter.write_atomic(rank_record.node_ranks_path(launcher), body, spec["fsync"])
+            waiter.remove_all(paths)
+        except OSError as error:  # left in the node directory: a rank still waiting collects them
+            _say(f"could not move the node's rank records to the output directory ({error})")
+            ranks = {}
+        self._release()  # the node's ranks were waiting for this: they exit now
+        trace("node records moved")
         self._say_bye()
         trace("daemon said bye")
         self.stop()
         trace("daemon stopped")
+        if ranks:
+            waiter.write_node_marker(node_marker_path(spec["marker_dir"], launcher.placement.node_name),
+                                     launcher.placement.node_name, ranks)
         self._clean_up()
+
+    def _release(self) -> None:
+        """Let go of the node lock: ranks blocked on it look whether their records were moved."""
+        if self._leader_fd is not None:
+            os.close(self._leader_fd)
+            self._leader_fd = None
 
     def _byes(self, since: float) -> int:
         """How many of the node's ranks said goodbye (in this launch)."""
@@ -376,7 +394,11 @@ def attach_node_daemon(launcher: Any, enabled: bool) -> Optional[NodeDaemon]:
         daemon = NodeDaemon(directory, is_starter=False, local_ranks=local_size(env, launcher.placement),
                             env=daemon_env)
         if daemon.elect():
-            daemon.spawn(launcher)
+            try:
+                daemon.spawn(launcher)
+            except BaseException:
+                daemon._release()  # the node's other ranks collect their records themselves
+                raise
     except (OSError, ValueError) as error:
         _say(f"node daemon unavailable ({error}); each rank writes its own file")
         return None

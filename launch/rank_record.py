@@ -1,9 +1,10 @@
 """The launcher's own records: the rank's process task and, on global rank 0, the workflow record.
 
-Written as JSON lines (by :mod:`flowcept.launch.waiter`) to this launcher's per-process file,
-``<stem>_<wf>_<host>_<pid>.jsonl`` (:func:`flowcept.transport.process_file_path`), through a
-temporary name and a rename, so consolidation (now or later, with ``flowcept consolidate``)
-finds a whole file or none. No pipeline, no flusher thread, no controller: one ``write`` per rank.
+Made as JSON lines; :func:`flowcept.launch.waiter.finish_rank` puts them where consolidation (now
+or later, with ``flowcept consolidate``) finds them, always through a temporary name and a rename:
+with a node daemon, into the node's one ``<stem>_<wf>_ranks-<node>.jsonl`` (moved there by the
+node's starter), else into this launcher's per-process file ``<stem>_<wf>_<host>_<pid>.jsonl``
+(:func:`flowcept.transport.process_file_path`). No pipeline, no flusher thread, no controller.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from typing import Any, Dict, Optional
 
 from flowcept.ids import next_id
-from flowcept.transport import process_file_path
+from flowcept.transport import process_file_path, safe_name, split_base_path
 
 
 def _redacted(tree: Dict[str, Any]) -> Dict[str, Any]:
@@ -79,8 +80,21 @@ def rank_file_path(launcher: Any) -> str:
                              os.getpid())
 
 
-def write_rank_file(launcher: Any, outcome: Any, workflow: Optional[Dict[str, Any]] = None) -> str:
-    """Write the process task (and the finished workflow record) to this launcher's file."""
+def node_ranks_path(launcher: Any, collector_pid: Optional[int] = None) -> str:
+    """``<dir>/<stem>_<wf>_ranks-<node>[-<pid>].jsonl``: the rank records a node collector moved.
+
+    The starter's has no pid; a rank that collects after it (the starter died, or finished
+    before this rank) adds its own, so no collector ever replaces another's file.
+    """
+    directory, stem, suffix = split_base_path(launcher.base_path)
+    name = f"{stem}_{safe_name(launcher.ids['workflow_id'])}_ranks-{safe_name(launcher.placement.node_name)}"
+    if collector_pid is not None:
+        name += f"-{collector_pid}"
+    return os.path.join(directory, name + suffix)
+
+
+def rank_records(launcher: Any, outcome: Any, workflow: Optional[Dict[str, Any]] = None) -> bytes:
+    """The process task (and the finished workflow record) as JSON lines."""
     from flowcept.launch import waiter
 
     record = process_record(launcher, outcome.started_at, outcome.child_pid)
@@ -91,6 +105,4 @@ def write_rank_file(launcher: Any, outcome: Any, workflow: Optional[Dict[str, An
         ended = time.time()
         workflow.update(status="FINISHED", ended_at=ended, utc_timestamp=ended)
         data += waiter.dumps({k: v for k, v in workflow.items() if v is not None})
-    path = rank_file_path(launcher)
-    waiter.write_atomic(path, data, launcher.settings["project.dump_buffer.fsync"] != "never")
-    return path
+    return data

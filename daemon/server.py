@@ -686,8 +686,8 @@ class DaemonServer:
     def _flush_sinks(self) -> None:
         for sinks in list(self.sinks.values()):
             for sink in sinks:
-                try:
-                    sink.flush()
+                try:  # a database sink starts its write without holding the writer thread
+                    getattr(sink, "flush_async", sink.flush)()
                 except Exception as error:
                     logger.warning("sink flush failed: %s", error)
         self._dirty_since = None

@@ -434,6 +434,14 @@ class MongoSink:
                 self._cond.wait(min(left, 0.1))
         return self.spool.is_empty()
 
+    def flush_async(self) -> None:
+        """Ask the worker to write now, without waiting for it.
+
+        The daemon's periodic flush must not hold its writer thread for ``timeout_s`` while the
+        database is down; ``close()`` still waits.
+        """
+        self.flush(timeout_s=0)
+
     def close(self) -> None:
         """Flush (bounded), stop the worker, spool what is left, close the client; idempotent."""
         if self._closed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,3 +187,234 @@ def test_rank_hands_over_to_the_waiter_which_forwards_signals(tmp_path: Path) ->
     assert sorted(process) == [0, 1]
     assert all(r["status"] == "ERROR" and r["generated"]["signal"] == 15 for r in process.values())
     assert process[1]["pid"] == procs[1].pid and process[1]["ended_at"] - process[1]["started_at"] < 30
+
+
+# -- end of the job at scale: files per node on the shared filesystem, not per rank -------------------
+
+WAIT_GO = str(Path(__file__).parent / "launch_apps" / "wait_go.py")
+
+
+def start_ranks(tmp_path: Path, nodes: List[str], per_node: int, command: List[str], flags: List[str] = (),
+                **extra: str) -> List[subprocess.Popen]:
+    """One launcher per rank, as srun starts them (Slurm's variables faked): ``nodes`` share this host,
+    each with its own node name (so its own runtime directory and daemon, as on the cluster rig)."""
+    size = len(nodes) * per_node
+    job = {"SLURM_NTASKS": str(size), "SLURM_JOB_ID": f"t{os.getpid()}{tmp_path.name[-12:]}", "SLURM_STEP_ID": "0",
+           "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{len(nodes)})", "SLURM_JOB_NUM_NODES": str(len(nodes)),
+           "FLOWCEPT_DAEMON_RUNTIME_DIR": str(tmp_path / "rt"), **extra}
+    procs = []
+    for rank in range(size):
+        env = clean_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank % per_node),
+                        SLURM_NODEID=str(rank // per_node), SLURMD_NODENAME=nodes[rank // per_node], **job)
+        procs.append(subprocess.Popen([*LAUNCH, "-o", str(tmp_path / "out"), *flags, *command], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def finish(procs: List[subprocess.Popen]) -> List[tuple]:
+    """(returncode, stdout, stderr) of every launcher; any still running after the deadline is killed."""
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=90)
+            results.append((proc.returncode, out.decode(), err.decode()))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def daemon_and_starter(tmp_path: Path) -> tuple:
+    """(daemon pid, starter launcher pid) of the one node daemon under the test's runtime directory."""
+    import orjson
+    from conftest import wait_for
+
+    wait_for(lambda: len(glob.glob(str(tmp_path / "rt" / "*" / "*" / "ready.json"))) == 1, 60, "the node daemon")
+    [ready] = glob.glob(str(tmp_path / "rt" / "*" / "*" / "ready.json"))
+    pid = orjson.loads(Path(ready).read_bytes())["pid"]
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        ppid = int(handle.read().rpartition(b")")[2].split()[1])
+    return pid, ppid
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def consolidate_later(out: Path, workflow_id: str) -> List[dict]:
+    """What `flowcept consolidate` (after the job, as the launcher's hint says) finds."""
+    merged = subprocess.run([sys.executable, "-m", "flowcept.cli", "consolidate", "-q", "--workflow-id", workflow_id,
+                             "--path", str(out / "flowcept_buffer.jsonl")], capture_output=True, timeout=60)
+    assert merged.returncode == 0, merged.stderr.decode()
+    return read_lines(str(out / f"flowcept_buffer_{workflow_id}.jsonl"))
+
+
+def rank_tasks(records: List[dict]) -> Dict[int, dict]:
+    process = [r for r in records if r.get("subtype") == "rank_process"]
+    by_rank = {r["rank"]: r for r in process}
+    assert len(by_rank) == len(process), "a rank's process task appears twice"
+    return by_rank
+
+
+def per_process_files(out: Path) -> List[str]:
+    """Files named like a process's own (``_<host>_<pid>.jsonl``): what the ranks no longer write."""
+    return [n for n in os.listdir(out) if re.search(r"_[0-9]+\.jsonl$", n) and "_ranks-" not in n]
+
+
+def test_node_daemon_shared_fs_sees_files_per_node_not_per_rank(tmp_path: Path) -> None:
+    """2 nodes x 3 ranks: on the shared filesystem, per node the daemon's file and one file of rank
+    records (plus the consolidated output); no per-rank file, no marker left; every rank once."""
+    (tmp_path / "out").mkdir()
+    procs = start_ranks(tmp_path, ["na", "nb"], 3, ["true"], ["--keep-files", "--telemetry-interval", "0.05"])
+    results = finish(procs)
+    assert [r[0] for r in results] == [0] * 6, [r[2] for r in results]
+    out = tmp_path / "out"
+    [output] = [n for n in os.listdir(out) if re.fullmatch(r"flowcept_buffer_[0-9a-f-]{36}\.jsonl", n)]
+    wf = output[len("flowcept_buffer_"):-len(".jsonl")]
+    assert sorted(os.listdir(out)) == sorted([output] + [f"flowcept_buffer_{wf}_{kind}-{node}.jsonl"
+                                                         for node in ("na", "nb") for kind in ("node", "ranks")])
+    process = rank_tasks(read_lines(str(out / output)))
+    assert sorted(process) == list(range(6))
+    assert all(r["node_name"] == ("na" if r["rank"] < 3 else "nb") and r["status"] == "FINISHED"
+               for r in process.values())
+    assert wf in results[0][1]
+    for node in ("na", "nb"):  # the node's rank records, all of them, in one file
+        ranks_file = read_lines(str(out / f"flowcept_buffer_{wf}_ranks-{node}.jsonl"))
+        assert len([r for r in ranks_file if r.get("subtype") == "rank_process"]) == 3
+    assert not glob.glob(str(tmp_path / "rt" / "*" / "*" / "bye-*"))  # node-local state cleaned up
+
+
+def test_rank_killed_before_writing_its_state(tmp_path: Path) -> None:
+    """A rank (neither rank 0 nor its node's starter) SIGKILLed mid-job: the others' records reach
+    the node's file; rank 0 gives up after launch.finish_timeout_s and `flowcept consolidate` finds
+    everything that was written."""
+    go = tmp_path / "go"
+    go.mkdir()
+    (tmp_path / "out").mkdir()
+    procs = start_ranks(tmp_path, ["na"], 3, [sys.executable, WAIT_GO, str(go)],
+                        FLOWCEPT_LAUNCH_FINISH_TIMEOUT_S="2")
+    try:
+        from conftest import wait_for
+
+        wait_for(lambda: len(list(go.glob("ready-*"))) == 3, 60, "3 ranks to start their command")
+        _, starter = daemon_and_starter(tmp_path)
+        victim = next(r for r in (1, 2) if procs[r].pid != starter)
+        kill_pid(procs[victim].pid)
+        kill_pid(int((go / f"ready-{victim}").read_text()))
+        for rank in range(3):
+            (go / f"go-{rank}").touch()
+    finally:
+        results = finish(procs)
+    assert [r[0] for i, r in enumerate(results) if i != victim] == [0, 0]
+    assert "1 of 3 rank(s) did not finish" in results[0][2] and "flowcept consolidate" in results[0][2]
+    out = tmp_path / "out"
+    assert per_process_files(out) == []
+    wf = results[0][2].split("workflow ")[1].split(":")[0]
+    process = rank_tasks(consolidate_later(out, wf))
+    assert sorted(process) == sorted({0, 1, 2} - {victim})
+
+
+def test_node_starter_killed_the_other_ranks_collect(tmp_path: Path) -> None:
+    """The node's starter SIGKILLed mid-job: the ranks that end after it find its lock free, move
+    their records to the shared filesystem themselves and stop the orphaned daemon; nothing that
+    was written is lost."""
+    go = tmp_path / "go"
+    go.mkdir()
+    (tmp_path / "out").mkdir()
+    procs = start_ranks(tmp_path, ["na"], 3, [sys.executable, WAIT_GO, str(go)],
+                        FLOWCEPT_LAUNCH_FINISH_TIMEOUT_S="2")
+    try:
+        from conftest import wait_for
+
+        wait_for(lambda: len(list(go.glob("ready-*"))) == 3, 60, "3 ranks to start their command")
+        daemon, starter = daemon_and_starter(tmp_path)
+        victim = next(r for r in range(3) if procs[r].pid == starter)
+        kill_pid(starter)
+        kill_pid(int((go / f"ready-{victim}").read_text()))
+        for rank in range(3):
+            (go / f"go-{rank}").touch()
+    finally:
+        results = finish(procs)
+    assert [r[0] for i, r in enumerate(results) if i != victim] == [0, 0]
+    wait_for(lambda: not running(daemon), 30, "the orphaned daemon to be stopped")
+    out = tmp_path / "out"
+    assert per_process_files(out) == []
+    assert glob.glob(str(out / "flowcept_buffer_*_ranks-na-*.jsonl")), os.listdir(out)
+    wf = Path(glob.glob(str(out / "flowcept_buffer_*_ranks-na-*.jsonl"))[0]).name.split("_")[2]
+    process = rank_tasks(consolidate_later(out, wf))
+    assert sorted(process) == sorted({0, 1, 2} - {victim})
+
+
+def test_rank_waiting_too_long_for_its_starter_writes_its_own_file(tmp_path: Path) -> None:
+    """The starter's command runs on: after launch.collect_wait_s the other ranks write their own
+    files (their records are safe on the shared filesystem) and the starter still counts them."""
+    go = tmp_path / "go"
+    go.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = start_ranks(tmp_path, ["na"], 3, [sys.executable, WAIT_GO, str(go)], ["--keep-files"],
+                        FLOWCEPT_LAUNCH_COLLECT_WAIT_S="0.2")
+    try:
+        from conftest import wait_for
+
+        wait_for(lambda: len(list(go.glob("ready-*"))) == 3, 60, "3 ranks to start their command")
+        _, starter = daemon_and_starter(tmp_path)
+        others = [r for r in range(3) if procs[r].pid != starter]
+        for rank in others:
+            (go / f"go-{rank}").touch()
+        wait_for(lambda: len(per_process_files(out)) == 2, 60, "the other ranks' own files")
+        (go / f"go-{next(r for r in range(3) if r not in others)}").touch()
+    finally:
+        results = finish(procs)
+    assert [r[0] for r in results] == [0, 0, 0], [r[2] for r in results]
+    wf = results[0][1].split("workflow ")[1].split(":")[0]
+    process = rank_tasks(read_lines(str(out / f"flowcept_buffer_{wf}.jsonl")))
+    assert sorted(process) == [0, 1, 2]
+    assert sorted(int(n.rsplit("_", 1)[1][:-6]) for n in per_process_files(out)) == sorted(procs[r].pid
+                                                                                          for r in others)
+
+
+def test_done_ranks_from_rank_and_node_markers(tmp_path: Path) -> None:
+    """Rank 0 counts ranks, not files: a node marker names many; a rank two markers name counts once."""
+    from flowcept.launch.launcher import DoneRanks, node_marker_path
+    from flowcept.launch.waiter import write_marker, write_node_marker
+
+    done = DoneRanks(str(tmp_path / "m"))
+    assert done.count() == 0
+    write_node_marker(node_marker_path(str(tmp_path / "m"), "n/1"), "n/1", {0: 0, 1: 7})
+    write_marker(str(tmp_path / "m"), 2, 0)
+    assert done.count() == 3
+    write_node_marker(node_marker_path(str(tmp_path / "m"), "n/1", 99), "n/1", {1: 7, 3: None})
+    assert done.count() == 4 and done.exit_codes == {0: 0, 1: 7, 2: 0, 3: None}
+
+
+def test_long_marker_waits_poll_less_often() -> None:
+    """Rank 0's wait on a shared directory slows down as it grows (sleeps up to 0.2 s, a tenth of the
+    time waited), where a short wait looks every 20 ms at most. Sleeps never end early, so the
+    bounds hold on a loaded machine too."""
+    import time
+
+    from flowcept.launch.launcher import poll_until
+
+    calls: List[float] = []
+
+    def ready() -> bool:
+        calls.append(time.monotonic())
+        return False
+
+    assert not poll_until(ready, 1.5, slow=True)
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert len(calls) <= 40 and max(gaps) >= 0.1, gaps

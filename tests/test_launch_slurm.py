@@ -206,3 +206,15 @@ def test_daemon_killed_mid_job_loses_nothing(tmp_path: Path) -> None:
     assert len(process_tasks(records)) == 4
     assert len([r for r in records if r.get("activity_id") == "app_step"]) == 12
     assert len([r for r in records if r.get("activity_id") == "app_step_after"]) == 12
+
+
+def test_srun_with_node_daemon_writes_files_per_node_not_per_rank(tmp_path: Path) -> None:
+    """With the daemon, the 4 ranks' records reach the shared output directory as one file of the node."""
+    proc = srun("--keep-files", "true", daemon=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    [output] = [f for f in outputs(tmp_path) if Path(f).name.count("_") == 2]
+    wf = Path(output).stem[len("flowcept_buffer_"):]
+    names = sorted(os.listdir(tmp_path))
+    assert [n for n in names if n != Path(output).name] == [f"flowcept_buffer_{wf}_node-localhost.jsonl",
+                                                            f"flowcept_buffer_{wf}_ranks-localhost.jsonl"], names
+    assert sorted(r["rank"] for r in process_tasks(read_lines(output))) == [0, 1, 2, 3]

@@ -177,3 +177,68 @@ def test_killed_node_daemon_loses_nothing(ns_cluster, tmp_path: Path) -> None:
         per_rank = collections.Counter(r["rank"] for r in tasks if r.get("activity_id") == activity)
         assert per_rank == {rank: 20 for rank in range(8)}, activity
     check_placement(tasks)
+
+
+def test_shared_filesystem_sees_files_per_node_not_per_rank(ns_cluster, tmp_path: Path) -> None:
+    """4 nodes x 2 ranks with daemons: the shared output directory gets, per node, the daemon's file
+    and one file of the node's rank records (moved there by its starter), plus the consolidated
+    output: nothing per rank, no marker left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = srun_launch(ns_cluster, out, "true", extra=["--keep-files"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = consolidated(out)
+    wf = records[0]["workflow_id"]
+    expected = {f"flowcept_buffer_{wf}.jsonl"} | {f"flowcept_buffer_{wf}_{kind}-{node}.jsonl"
+                                                  for node in NODES for kind in ("node", "ranks")}
+    assert {n for n in os.listdir(out) if n.startswith(("flowcept", ".flowcept"))} == expected
+    process = [r for r in records if r.get("subtype") == "rank_process"]
+    assert sorted(r["rank"] for r in process) == list(range(8))
+    check_placement(process)
+
+
+def test_node_starter_killed_on_one_node_loses_no_other_record(ns_cluster, tmp_path: Path) -> None:
+    """node2's starter (the launcher that started its daemon) SIGKILLed mid-job: node2's other rank
+    moves its own record to the shared filesystem and stops the orphaned daemon; the other nodes
+    finish normally; `flowcept consolidate` then finds every record that was written."""
+    out, go = tmp_path / "out", tmp_path / "go"
+    out.mkdir()
+    go.mkdir()
+    wait_go = str(REPO / "tests" / "launch_apps" / "wait_go.py")
+    env = {**os.environ, "FLOWCEPT_LAUNCH_FINISH_TIMEOUT_S": "3", "FLOWCEPT_DAEMON_RUNTIME_DIR": str(tmp_path / "rt")}
+    args = ["srun", "-N", str(len(NODES)), f"--ntasks-per-node={PER_NODE}", *LAUNCH, "--output-dir", str(out),
+            "--", PY, wait_go, str(go)]
+    job = ns_cluster.popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(list(go.glob("ready-*"))) == 8 or job.poll() is not None, 60, "all ranks ready")
+        assert job.poll() is None, job.communicate()
+        # rank 2's command runs on node2; its parent is rank 2's launcher (or waiter, same pid)
+        launchers = {r: int(Path(f"/proc/{(go / f'ready-{r}').read_text()}/stat").read_text()
+                            .rsplit(")", 1)[1].split()[1]) for r in (2, 3)}
+        wait_for(lambda: glob.glob(str(tmp_path / "rt" / "*" / "node2.*" / "ready.json")), 30, "node2's daemon")
+        readies = glob.glob(str(tmp_path / "rt" / "*" / "node2.*" / "ready.json"))
+        daemons = [json.loads(Path(p).read_text())["pid"] for p in readies]
+        starter_of = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                      for pid in daemons if not _dead(pid)}
+        [(daemon, starter)] = [(d, s) for d, s in starter_of.items() if s in launchers.values()]
+        victim = next(r for r, pid in launchers.items() if pid == starter)
+        os.kill(starter, signal.SIGKILL)
+        os.kill(int((go / f"ready-{victim}").read_text()), signal.SIGKILL)
+        for rank in range(8):
+            (go / f"go-{rank}").write_text("")
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(timeout=10)
+    wait_for(lambda: _dead(daemon), 30, "node2's orphaned daemon to be stopped")
+    assert "1 of 8 rank(s) did not finish" in stderr, stdout + stderr
+    assert not [n for n in os.listdir(out) if re.search(r"_node[0-9]_[0-9]+\.jsonl$", n)]  # no per-rank file
+    assert glob.glob(str(out / "flowcept_buffer_*_ranks-node2-*.jsonl")), os.listdir(out)
+    wf = re.search(r"workflow ([0-9a-f-]{36})", stderr).group(1)
+    merged = ns_cluster.run([PY, "-m", "flowcept.cli", "consolidate", "-q", "--workflow-id", wf, "--path",
+                             str(out / "flowcept_buffer.jsonl")], check=False)
+    assert merged.returncode == 0, merged.stdout + merged.stderr
+    process = [r for r in consolidated(out) if r.get("subtype") == "rank_process"]
+    assert sorted(r["rank"] for r in process) == sorted(set(range(8)) - {victim})
+    check_placement(process)

@@ -129,7 +129,9 @@ def main() -> None:
         records = _count_lines(path)
         per_node.append((node, records, records / span if span > 0 else 0.0))
     spilled = [p for p in glob.glob(str(out / "flowcept_buffer_*.jsonl"))
-               if "_node-" not in p and os.path.getsize(p) > 0 and _count_lines(p) > 2]
+               if "_node-" not in p and "_ranks-" not in p and os.path.getsize(p) > 0 and _count_lines(p) > 2]
+    shared_files = sum(len(files) for _, _, files in os.walk(out))
+    print(f"files the job left on the output filesystem: {shared_files} for {args.nodes} nodes and {ranks} ranks")
     node_rates = sorted(rate for _, _, rate in per_node)
     print(f"daemon ingest per node: median {statistics.median(node_rates):,.0f} records/s over the ranks' span "
           f"(min {node_rates[0]:,.0f}, max {node_rates[-1]:,.0f}); {len(node_files)} node files, "

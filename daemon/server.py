@@ -183,6 +183,7 @@ class DaemonServer:
         self.address = protocol.ipc_address(config.runtime_dir)
         self.tcp_address: Optional[str] = None
         self._job_entry: Optional[str] = None
+        self._status_only: set = set()  # socket indexes that answer status/ping and nothing else
         self.metrics_port: Optional[int] = None
         self.counters = Counters()
         self.clients: Dict[Tuple[int, bytes], Client] = {}
@@ -285,10 +286,18 @@ class DaemonServer:
         import zmq.auth
         from zmq.auth.thread import ThreadAuthenticator
 
+        step_dir = None
         if self.config.job_dir:
             from flowcept import job_registry
 
-            keys = job_registry.ensure_keys(self.config.job_dir)
+            try:
+                step_dir = job_registry.step_dir(self.config.job_dir, self.config.job_step)
+                keys = job_registry.ensure_keys(step_dir)
+            except (OSError, ValueError, job_registry.JobKeysError) as error:
+                # Cross-node status is a convenience: the node's records matter more than it.
+                logger.warning("cross-node status off: the job directory %s is unusable (%s)",
+                               self.config.job_dir, error)
+                return
         else:
             keys = os.path.join(self.config.runtime_dir, "curve")
         authorized = os.path.join(keys, "authorized")
@@ -317,13 +326,16 @@ class DaemonServer:
         self.tcp_address = f"tcp://{self.config.tcp_host}:{port}"
         self.curve_dir = keys
         self._sockets.append(router)
-        if self.config.job_dir:
-            from flowcept import job_registry
-
+        if step_dir is not None:
+            # The job's keys are shared with every status client: this socket only answers status.
+            self._status_only.add(len(self._sockets) - 1)
             host = self.config.tcp_host if self.config.tcp_host not in ("0.0.0.0", "*") \
                 else job_registry.advertised_host()
-            self._job_entry = job_registry.register_node(self.config.job_dir, self.config.node,
-                                                         self.config.job_step, f"tcp://{host}:{port}", os.getpid())
+            try:
+                self._job_entry = job_registry.register_node(step_dir, self.config.node, self.config.job_step,
+                                                             f"tcp://{host}:{port}", os.getpid())
+            except (OSError, job_registry.JobKeysError) as error:
+                logger.warning("cross-node status off: cannot register in %s (%s)", step_dir, error)
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -406,6 +418,7 @@ class DaemonServer:
         clients = self.clients
         max_bytes = self.config.max_message_bytes
         strict = self.config.strict
+        status_only = self._status_only
         decode = protocol.decode
         recv = sock.recv_multipart
         groups: Dict[Tuple[str, Optional[str]], List[Any]] = {}
@@ -428,6 +441,9 @@ class DaemonServer:
                 self._reject(sock, identity, body, error.reason)
                 continue
             kind = message.kind
+            if index in status_only and kind != "status" and kind != "ping":
+                self._reject(sock, identity, body, "status_only_socket")
+                continue
             client = clients.get((index, identity))
             if kind == "batch":
                 header = message.header

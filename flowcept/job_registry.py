@@ -1,20 +1,22 @@
-"""The job directory: one CURVE key set per job, and where each node's daemon of the job listens.
+"""The job directory: CURVE keys per job step, and where each node's daemon of the step listens.
 
 A node daemon's ``ipc://`` socket is reachable only on its own node. To show every node of a
 running job (``flowcept daemon status --job``, ``flowcept top --job``) a client on any host talks
-to each daemon over TCP, and TCP needs authentication: ZeroMQ CURVE, with keys made per job and
-kept where only the user can read them. The directory lives on a filesystem all nodes share
+to each daemon over TCP, and TCP needs authentication: ZeroMQ CURVE, with keys made per job step
+and kept where only the user can read them. The directory lives on a filesystem all nodes share
 (``daemon.jobs_dir``, default ``~/.flowcept/jobs``: home directories are shared on clusters, node
 ``/tmp`` is not)::
 
-    <jobs_dir>/<job id>/            0700
-        curve/server.key[_secret]   the daemons' key pair (one per job)
-        curve/client.key[_secret]   the key pair a status client must hold
-        curve/authorized/client.key what the daemons accept (ZAP location)
-        nodes/<node>.<step>.json    {"node", "step", "address", "pid", "registered_at"}
+    <jobs_dir>/<job id>/                  0700, the user's (checked: owner, no symlink)
+        <step>/                           0700, one per job step (srun), removed at its end
+            curve/server.key[_secret]     the step's daemons' key pair
+            curve/client.key[_secret]     the key pair a status client must hold
+            curve/authorized/client.key   what the daemons accept (ZAP location)
+            nodes/<node>.json             {"node", "step", "address", "pid", "registered_at"}
 
-Keys are created once per job, atomically (a private temp directory renamed into place), so the
-first node to start wins and every other node uses the same keys.
+Keys are created once per step, atomically (a private temp directory renamed into place), so the
+first node to start wins and every other node uses the same keys. Steps never share keys, so a
+step ending (and removing its directory) cannot pull keys from under another step.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import re
 import shutil
 import socket as socket_module
+import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -65,24 +68,46 @@ def curve_dir(directory: str) -> str:
     return os.path.join(directory, "curve")
 
 
-def _private_dirs(*paths: str) -> None:
-    for path in paths:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        if os.stat(path).st_mode & 0o077:
-            os.chmod(path, 0o700)
+def step_dir(job_directory: str, step: str) -> str:
+    """``<job dir>/<step>``: the keys and node entries of one job step."""
+    return os.path.join(job_directory, _UNSAFE.sub("-", str(step)) or "0")
+
+
+def _own_private_dir(path: str) -> None:
+    """Create ``path`` (mode 0700) or accept it only as the user's own real directory.
+
+    A job directory's name is predictable (the job id): another user who made it first must not
+    end up owning, or reading, the keys. Existing parents are never chmod-ed.
+    """
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise JobKeysError(f"{path} is not a directory (a symlink or a file): refusing to keep job keys there")
+    if info.st_uid != os.getuid():
+        raise JobKeysError(f"{path} belongs to uid {info.st_uid}, not to you: refusing to keep job keys there")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
 
 
 def ensure_keys(directory: str) -> str:
-    """The job's key directory, creating the keys if no node has yet; returns ``<directory>/curve``."""
+    """A step's key directory, creating the keys if no node has yet; returns ``<directory>/curve``."""
     import zmq.auth
 
     keys = curve_dir(directory)
+    _own_private_dir(os.path.dirname(directory))
+    _own_private_dir(directory)
     if os.path.exists(os.path.join(keys, "server.key_secret")):
         return keys
-    _private_dirs(os.path.dirname(directory), directory)
     staging = os.path.join(directory, f".curve-{socket_module.gethostname()}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    _private_dirs(staging, os.path.join(staging, "authorized"))
+    for path in (staging, os.path.join(staging, "authorized")):
+        os.mkdir(path, 0o700)
     zmq.auth.create_certificates(staging, "server")
     zmq.auth.create_certificates(staging, "client")
     shutil.copyfile(os.path.join(staging, "client.key"), os.path.join(staging, "authorized", "client.key"))
@@ -140,10 +165,11 @@ def advertised_host() -> str:
 
 
 def register_node(directory: str, node: str, step: str, address: str, pid: int) -> str:
-    """Announce a node daemon's TCP address in the job directory; returns the entry's path."""
+    """Announce a node daemon's TCP address in its step directory; returns the entry's path."""
     nodes = os.path.join(directory, "nodes")
-    _private_dirs(os.path.dirname(directory), directory, nodes)
-    path = os.path.join(nodes, _UNSAFE.sub("-", f"{node}.{step}") + ".json")
+    _own_private_dir(directory)
+    _own_private_dir(nodes)
+    path = os.path.join(nodes, _UNSAFE.sub("-", node) + ".json")
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as handle:
         handle.write(orjson.dumps({"node": node, "step": step, "address": address, "pid": pid,
@@ -160,29 +186,36 @@ def unregister_node(path: str) -> None:
         pass
 
 
-def remove_if_idle(directory: str) -> bool:
-    """Remove a job directory no daemon is registered in any more (the end of a job); True if removed.
+def remove_step(directory: str) -> None:
+    """Remove a finished step's directory (keys, entries), then the job's if no step is left.
 
-    A step starting at that very moment recreates it (keys included) when its daemon binds.
+    Called by the launcher's global rank 0 at the end of its step, also when some node's daemon
+    died without unregistering: its entry would otherwise stay forever.
     """
-    nodes = os.path.join(directory, "nodes")
-    try:
-        if any(name.endswith(".json") for name in os.listdir(nodes)):
-            return False
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
     shutil.rmtree(directory, ignore_errors=True)
-    return not os.path.exists(directory)
+    try:
+        os.rmdir(os.path.dirname(directory))  # only when empty: another step may be running
+    except OSError:
+        pass
+
+
+def list_steps(job_directory: str) -> List[str]:
+    """The step directories of a job (raises the explanatory FileNotFoundError when there is none)."""
+    if not os.path.isdir(job_directory):
+        raise FileNotFoundError(f"no job directory {job_directory}: is the job running under flowcept-launch, "
+                                f"and is daemon.jobs_dir the same here as in the job?")
+    try:
+        names = os.listdir(job_directory)
+    except PermissionError:
+        raise JobKeysError(f"cannot read the job directory {job_directory}: permission denied (a job's "
+                           f"directory is readable only by the user who ran it)") from None
+    return sorted(os.path.join(job_directory, name) for name in names
+                  if not name.startswith(".") and os.path.isdir(os.path.join(job_directory, name)))
 
 
 def list_nodes(directory: str) -> List[Dict[str, Any]]:
-    """The registered daemons of a job, sorted by node then step."""
+    """The registered daemons of one step directory, sorted by node."""
     nodes = os.path.join(directory, "nodes")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no job directory {directory}: is the job running under flowcept-launch, "
-                                f"and is daemon.jobs_dir the same here as in the job?")
     out = []
     for name in sorted(os.listdir(nodes)) if os.path.isdir(nodes) else []:
         if not name.endswith(".json"):
@@ -194,7 +227,7 @@ def list_nodes(directory: str) -> List[Dict[str, Any]]:
             continue
         if isinstance(entry, dict) and entry.get("address"):
             out.append(entry)
-    return sorted(out, key=lambda e: (str(e.get("node")), str(e.get("step"))))
+    return sorted(out, key=lambda e: str(e.get("node")))
 
 
 def remote_status(address: str, keys: Tuple[bytes, bytes, bytes], timeout_s: float = 2.0) -> Dict[str, Any]:
@@ -247,9 +280,12 @@ def remote_status(address: str, keys: Tuple[bytes, bytes, bytes], timeout_s: flo
         context.term()
 
 
-def job_statuses(job_id: str, base: Optional[str] = None, timeout_s: float = 2.0,
-                 keys: Optional[Tuple[bytes, bytes, bytes]] = None) -> List[Dict[str, Any]]:
-    """The status of every registered daemon of a job, asked in parallel; errors become entries."""
+def job_statuses(job_id: str, base: Optional[str] = None, timeout_s: float = 2.0) -> List[Dict[str, Any]]:
+    """The status of every registered daemon of every running step of a job, asked in parallel.
+
+    Keys are read afresh on each call (a new step brings new keys); unreachable or refusing
+    daemons become entries with an ``error``.
+    """
     directory = job_dir(job_id, base)
     try:
         os.stat(directory)
@@ -257,19 +293,23 @@ def job_statuses(job_id: str, base: Optional[str] = None, timeout_s: float = 2.0
         raise JobKeysError(f"cannot reach the job directory {directory}: permission denied (a job's "
                            f"directory is readable only by the user who ran it)") from None
     except FileNotFoundError:
-        list_nodes(directory)  # raises the explanatory FileNotFoundError
-    if keys is None:
-        keys = client_keys(curve_dir(directory))  # first: an unreadable job says so plainly
-    entries = list_nodes(directory)
-    if not entries:
+        pass  # list_steps says what that means
+    asks: List[Tuple[Dict[str, Any], Tuple[bytes, bytes, bytes]]] = []
+    for step in list_steps(directory):
+        entries = list_nodes(step)
+        if entries:
+            keys = client_keys(curve_dir(step))  # an unreadable job says so plainly
+            asks += [(entry, keys) for entry in entries]
+    if not asks:
         return []
     from concurrent.futures import ThreadPoolExecutor
 
-    def ask(entry: Dict[str, Any]) -> Dict[str, Any]:
+    def ask(item: Tuple[Dict[str, Any], Tuple[bytes, bytes, bytes]]) -> Dict[str, Any]:
+        entry, keys = item
         status = remote_status(entry["address"], keys, timeout_s)
         status.setdefault("node", entry.get("node"))
         status["step"] = entry.get("step")
         return status
 
-    with ThreadPoolExecutor(max_workers=min(32, len(entries))) as pool:
-        return list(pool.map(ask, entries))
+    with ThreadPoolExecutor(max_workers=min(32, len(asks))) as pool:
+        return list(pool.map(ask, asks))

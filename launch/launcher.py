@@ -453,8 +453,8 @@ class RankLauncher:
             timeout = min(timeout, 3.0)  # a time limit's SIGKILL follows soon: do not start long work
         done = wait_for_markers(markers, self.size, timeout)
         trace("all ranks done")
-        if done == self.size and self.daemon is not None:
-            self.daemon.forget_job(self)  # every node's daemon has exited: the job's keys can go
+        if self.daemon is not None:
+            self.daemon.forget_step(self)  # the step's daemons have exited (or died): its keys go
         if done < self.size:
             _say(f"{self.size - done} of {self.size} rank(s) did not finish within {timeout:g}s")
         if not self.options.consolidate or done < self.size:

@@ -168,13 +168,22 @@ class NodeDaemon:
         except ValueError:
             return None
 
-    def forget_job(self, launcher: Any) -> None:
-        """At the end of the job (global rank 0): remove the job directory once no daemon is in it."""
+    def forget_step(self, launcher: Any) -> None:
+        """At the end of the step (global rank 0): remove its keys and node entries.
+
+        Also when some node's daemon died without unregistering (its entry would stay forever);
+        other steps of the job keep their own directories.
+        """
         directory = self._job_dir(launcher)
         if directory is not None:
-            from flowcept.job_registry import remove_if_idle
+            from flowcept.job_registry import remove_step, step_dir
 
-            remove_if_idle(directory)
+            remove_step(step_dir(directory, self._step(launcher)))
+
+    @staticmethod
+    def _step(launcher: Any) -> str:
+        step = launcher.placement.step_id
+        return "0" if step is None else str(step)
 
     def _remote_status_options(self, launcher: Any) -> List[str]:
         """TCP + CURVE and a job-directory entry, so every node of the job can be watched from any host.
@@ -184,8 +193,7 @@ class NodeDaemon:
         directory = self._job_dir(launcher)
         if directory is None:
             return []
-        step = launcher.placement.step_id
-        return ["--tcp-port", "-1", "--job-dir", directory, "--job-step", "0" if step is None else str(step)]
+        return ["--tcp-port", "-1", "--job-dir", directory, "--job-step", self._step(launcher)]
 
     def alive(self) -> bool:
         """Reap the daemon if it exited (it is our child); True while it runs."""

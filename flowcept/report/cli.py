@@ -95,14 +95,14 @@ def top_command(addresses: Tuple[str, ...], runtime_dirs: Tuple[str, ...], job_i
         from flowcept import job_registry
 
         try:
-            keys = job_registry.client_keys(job_registry.curve_dir(job_registry.job_dir(job_id, jobs_dir)))
-        except (job_registry.JobKeysError, ValueError) as error:
+            job_registry.job_statuses(job_id, jobs_dir, timeout_s=timeout_s)  # fail early and plainly
+        except (job_registry.JobKeysError, FileNotFoundError, ValueError) as error:
             raise click.ClickException(str(error)) from error
 
-        def provide() -> list:
+        def provide() -> list:  # keys re-read each refresh: a new job step brings new keys
             try:
-                return job_registry.job_statuses(job_id, jobs_dir, timeout_s=timeout_s, keys=keys)
-            except FileNotFoundError as error:
+                return job_registry.job_statuses(job_id, jobs_dir, timeout_s=timeout_s)
+            except (job_registry.JobKeysError, OSError) as error:
                 return [{"node": job_id, "error": str(error)}]
 
         run_top(provide, interval_s=interval, iterations=iterations, live=None if iterations is None else False)

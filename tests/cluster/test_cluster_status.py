@@ -23,8 +23,9 @@ pytestmark = pytest.mark.cluster
 STRANGER = """
 import sys, zmq
 from flowcept import job_registry
-[entry] = [e for e in job_registry.list_nodes(job_registry.job_dir(sys.argv[1])) if e["node"] == "node3"]
-server_key = job_registry.client_keys(job_registry.curve_dir(job_registry.job_dir(sys.argv[1])))[0]
+[step] = job_registry.list_steps(job_registry.job_dir(sys.argv[1]))
+[entry] = [e for e in job_registry.list_nodes(step) if e["node"] == "node3"]
+server_key = job_registry.client_keys(job_registry.curve_dir(step))[0]
 public, secret = zmq.curve_keypair()
 print(job_registry.remote_status(entry["address"], (server_key, public, secret), 5)["error"])
 """

@@ -177,6 +177,8 @@ def test_killed_node_daemon_loses_nothing(ns_cluster, tmp_path: Path) -> None:
         per_rank = collections.Counter(r["rank"] for r in tasks if r.get("activity_id") == activity)
         assert per_rank == {rank: 20 for rank in range(8)}, activity
     check_placement(tasks)
+    jobs = Path(os.environ["FLOWCEPT_DAEMON_JOBS_DIR"])  # the killed daemon never unregistered
+    assert not jobs.exists() or not list(jobs.iterdir()), list(jobs.rglob("*"))
 
 
 def test_shared_filesystem_sees_files_per_node_not_per_rank(ns_cluster, tmp_path: Path) -> None:

@@ -24,9 +24,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import fcntl
+import ipaddress
 import os
+import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -72,6 +76,60 @@ def _read_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def check_base(base: Path, *, create: bool) -> None:
+    """Refuse a base directory another user could have prepared (planted key, swapped script, symlink).
+
+    Every component of the path, the base included, must be a real directory (not a symlink) owned
+    by root; the base must not be writable by group or others, and an ancestor may be only if it is
+    sticky (as ``/tmp`` is: others cannot rename or remove what root made there). With ``create``,
+    missing components are made (mode 0755) one at a time, each checked as it is reached; without
+    it, the walk stops at the first missing component (nothing there to distrust).
+    """
+    base = Path(os.path.abspath(base))
+    parts = base.parts
+    for depth in range(1, len(parts) + 1):
+        path = Path(*parts[:depth])
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not create:
+                return
+            try:
+                os.mkdir(path, 0o755)
+                os.chmod(path, 0o755)  # ours: the umask may have left it group-writable
+            except FileExistsError:
+                pass  # made meanwhile by someone else: the checks below judge it like any other
+            st = os.lstat(path)
+        is_base = depth == len(parts)
+        if stat.S_ISLNK(st.st_mode):
+            raise RigError(f"refusing rig base {base}: {path} is a symlink (to {os.readlink(path)})")
+        if not stat.S_ISDIR(st.st_mode):
+            raise RigError(f"refusing rig base {base}: {path} is not a directory")
+        if st.st_uid != 0:
+            raise RigError(f"refusing rig base {base}: {path} is owned by uid {st.st_uid}, not root; "
+                           f"remove it (or pick another --base)")
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if writable and (is_base or not st.st_mode & stat.S_ISVTX):
+            raise RigError(f"refusing rig base {base}: {path} is writable by group or others "
+                           f"(mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` as a file this process creates itself (never through a planted file or link)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask must not weaken or widen it
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -91,6 +149,7 @@ class NamespaceCluster:
     mem_mb: int = 2000
     warm_up: bool = True
     node_names: list[str] = field(init=False)
+    _lock_fd: int | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 200:
@@ -121,6 +180,10 @@ class NamespaceCluster:
     @property
     def munge_dir(self) -> Path:
         return self.base / "munge"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.base / ".lock"
 
     def namespaces(self) -> list[str]:
         nodes = [f"{self.ns_prefix}n{i}" for i in range(1, self.nodes + 1)]
@@ -187,7 +250,14 @@ class NamespaceCluster:
         if missing:
             raise RigError(f"cannot build the cluster here, missing: {', '.join(missing)}")
         started = time.monotonic()
-        self.down()
+        check_base(self.base, create=True)
+        self._lock()  # held until down(): a second user of this base is refused, not clobbered
+        try:
+            self._teardown()  # what a crashed earlier run of this rig left
+            self._check_subnet_free()
+        except BaseException:
+            self._unlock()
+            raise
         try:
             self._make_dirs()
             self._start_munge()
@@ -203,6 +273,69 @@ class NamespaceCluster:
             raise
         return time.monotonic() - started
 
+    # ------------------------------------------------------------------ safety
+    def _lock(self) -> None:
+        """Take ``<base>/.lock`` (flock, exclusive) for this object's life; refuse at once if held."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RigError(f"the rig at {self.base} is in use by pid {holder} (it holds {self.lock_path}); "
+                           f"use another --base and --tag, or stop that process first") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.ftruncate(fd, 0)
+            os.close(fd)  # closing the last fd of the open file releases the flock
+
+    def _check_subnet_free(self) -> None:
+        """Refuse to build over a network this host already uses: the rig's connected route would take
+        its traffic. Any IPv4 address or route (all tables; the default route aside) that overlaps
+        ``10.79.<tag>.0/24`` is a conflict."""
+        subnet = ipaddress.ip_network(f"{self.subnet}.0/24")
+        conflicts = []
+        for line in _sh("ip", "-4", "-o", "addr", "show").stdout.splitlines():
+            words = line.split()
+            if "inet" in words:
+                iface = ipaddress.ip_interface(words[words.index("inet") + 1])
+                if iface.network.overlaps(subnet):
+                    conflicts.append(f"address {iface} on {words[1]}")
+        for line in _sh("ip", "-4", "-o", "route", "show", "table", "all").stdout.splitlines():
+            words = line.split()
+            if words and words[0] in _ROUTE_TYPES:
+                words = words[1:]
+            if not words or words[0] == "default":
+                continue
+            try:
+                dest = ipaddress.ip_network(words[0], strict=False)
+            except ValueError:
+                continue
+            if dest.prefixlen and dest.overlaps(subnet):
+                conflicts.append(f"route {line.strip()}")
+        if conflicts:
+            raise RigError(f"refusing to build the rig on {subnet}: this host already uses it "
+                           f"({'; '.join(conflicts[:5])}); pick another --tag")
+
+    def _check_routed_to_bridge(self) -> None:
+        """After the bridge is up, the kernel must send the rig's addresses to it (policy routing could
+        still pick another table): otherwise rig traffic would leave through a real interface."""
+        for addr in (self.head_ip, self.node_ip(self.nodes)):
+            words = _sh("ip", "-4", "-o", "route", "get", addr).stdout.split()
+            dev = words[words.index("dev") + 1] if "dev" in words else None
+            if dev != self.bridge:
+                raise RigError(f"{addr} is routed via {dev}, not the rig's bridge {self.bridge}; refusing")
+
     def _make_dirs(self) -> None:
         for sub in ("etc", "run", "log", "spool", "tmp", "bin"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
@@ -212,8 +345,10 @@ class NamespaceCluster:
         (self.base / "spool" / "ctld").mkdir(exist_ok=True)
         # remembered so down() from another process removes exactly what this one made
         (self.base / "run" / "namespaces").write_text(" ".join(self.namespaces()) + "\n")
-        self.in_node.write_text(_IN_NODE_SCRIPT.replace("@BASE@", str(self.base)))
-        self.in_node.chmod(0o755)
+        # written under a fresh name in the checked base and renamed over: never through a planted file
+        tmp = self.in_node.with_name(f".in_node.{os.getpid()}")
+        _write_new(tmp, _IN_NODE_SCRIPT.replace("@BASE@", str(self.base)).encode(), 0o755)
+        os.replace(tmp, self.in_node)
 
     def _start_munge(self) -> None:
         d = self.munge_dir
@@ -221,10 +356,8 @@ class NamespaceCluster:
         shutil.chown(d, "munge", "munge")
         d.chmod(0o755)  # munged refuses a socket directory others cannot traverse
         key = d / "munge.key"
-        if not key.exists() or key.stat().st_size < 32:
-            key.write_bytes(os.urandom(1024))
+        _write_new(key, os.urandom(1024), 0o400)  # a fresh key on every up(): never one found there
         shutil.chown(key, "munge", "munge")
-        key.chmod(0o400)
         _sh("runuser", "-u", "munge", "--", "munged", f"--socket={d / 'munge.socket'}", f"--key-file={key}",
             f"--pid-file={d / 'munged.pid'}", f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}")
         _wait(lambda: (d / "munge.socket").is_socket(), 5, "munged's socket")
@@ -254,6 +387,7 @@ class NamespaceCluster:
             _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
             _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        self._check_routed_to_bridge()
 
     def _write_config(self) -> None:
         b = self.base
@@ -325,8 +459,33 @@ class NamespaceCluster:
                 out.append(f"--- {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(out)
 
-    def down(self) -> None:
-        """Remove everything this rig made; safe to call when nothing or only part of it is up."""
+    def down(self, force: bool = False) -> None:
+        """Remove everything this rig made; safe to call when nothing or only part of it is up.
+
+        The rig that holds the base's lock (this object after ``up()``) tears down and releases it.
+        Another process (``rig.py down``) may tear down only while nobody holds the lock, unless
+        ``force``: a live owner would otherwise lose its cluster under its feet.
+        """
+        if self._lock_fd is not None:
+            try:
+                self._teardown()
+            finally:
+                self._unlock()
+            return
+        check_base(self.base, create=False)  # never rmtree through a symlinked or foreign base
+        if self.base.is_dir():
+            try:
+                self._lock()
+            except RigError:
+                if not force:
+                    raise
+        try:
+            self._teardown()
+        finally:
+            self._unlock()
+
+    def _teardown(self) -> None:
+        check_base(self.base, create=False)
         ours = set(self.namespaces())
         recorded = self.base / "run" / "namespaces"
         if recorded.exists():
@@ -340,23 +499,42 @@ class NamespaceCluster:
             jobs = self.run(["squeue", "-h", "-o", "%i"], check=False, timeout=10).stdout.split()
             if jobs:
                 self.run(["scancel", *jobs], check=False, timeout=10)
-        victims = []
-        for pidfile, comm in [*[(p, "slurmd") for p in (self.base / "run").glob("slurmd-*.pid")],
-                              (self.base / "run" / "slurmctld.pid", "slurmctld"),
-                              (self.munge_dir / "munged.pid", "munged")]:
-            pid = _read_pid(pidfile)
-            if pid and _comm(pid) == comm:
-                victims.append(pid)
-        for ns in present:  # job steps and anything else still running on our nodes
-            victims += [int(p) for p in _sh("ip", "netns", "pids", ns, check=False).stdout.split() if p.isdigit()]
-        victims = [p for p in dict.fromkeys(victims) if p != os.getpid()]
-        for pid in victims:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in victims):
-            time.sleep(0.05)
-        for pid in victims:
-            _signal(pid, signal.SIGKILL)
+        # Each victim is pinned by a pidfd, checked after opening it (so the check is about the
+        # process the fd refers to), and signalled only through it: a pid that exits and is reused
+        # meanwhile is never hit. A pid whose pidfd cannot be opened is gone, and left alone.
+        pidfds: dict[int, int] = {}
+
+        def take(pid: int, still_ours) -> None:
+            if pid == os.getpid() or pid in pidfds:
+                return
+            fd = _pidfd(pid)
+            if fd is None:
+                return
+            if still_ours():
+                pidfds[pid] = fd
+            else:
+                os.close(fd)
+
+        try:
+            for pidfile, comm in [*[(p, "slurmd") for p in (self.base / "run").glob("slurmd-*.pid")],
+                                  (self.base / "run" / "slurmctld.pid", "slurmctld"),
+                                  (self.munge_dir / "munged.pid", "munged")]:
+                pid = _read_pid(pidfile)
+                if pid:
+                    take(pid, lambda pid=pid, comm=comm: _comm(pid) == comm)
+            for ns in present:  # job steps and anything else still running on our nodes
+                try:
+                    ns_ino = os.stat(f"/run/netns/{ns}").st_ino
+                except OSError:
+                    continue
+                for word in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                    if word.isdigit():
+                        take(int(word), lambda pid=int(word), ino=ns_ino: _netns_inode(pid) == ino)
+        except BaseException:
+            for fd in pidfds.values():
+                os.close(fd)
+            raise
+        _stop_all(list(pidfds.values()))
         for ns in present:
             _sh("ip", "netns", "del", ns, check=False)
         links = _sh("ip", "-o", "link", "show", check=False).stdout
@@ -373,11 +551,52 @@ class NamespaceCluster:
             self.conf.write_text(STUB_CONF)
 
 
-def _signal(pid: int, sig: int) -> None:
+def _pidfd(pid: int) -> int | None:
+    """A handle on process ``pid`` that stays bound to it: signals through it never reach a reused pid."""
     try:
-        os.kill(pid, sig)
+        return os.pidfd_open(pid)
+    except OSError:  # gone already (ESRCH), or cannot be opened: then it is not signalled later
+        return None
+
+
+def _pidfd_signal(fd: int, sig: int) -> None:
+    try:
+        signal.pidfd_send_signal(fd, sig)
     except ProcessLookupError:
-        pass
+        pass  # exited (perhaps a zombie already reaped): nothing to do
+
+
+def _stop_all(pidfds: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM every process, wait until each has exited (a pidfd turns readable) or ``grace_s``
+    passed, SIGKILL those still running; closes the fds."""
+    try:
+        for fd in pidfds:
+            _pidfd_signal(fd, signal.SIGTERM)
+        poller = select.poll()
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
+        running = set(pidfds)
+        deadline = time.monotonic() + grace_s
+        while running and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                running.discard(fd)
+                poller.unregister(fd)
+        for fd in running:
+            _pidfd_signal(fd, signal.SIGKILL)
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+
+
+def _netns_inode(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+_ROUTE_TYPES = {"unicast", "local", "broadcast", "multicast", "anycast", "unreachable", "blackhole", "prohibit",
+                "throw", "nat"}
 
 
 def _sysctl(path: str) -> None:
@@ -405,10 +624,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE)
     parser.add_argument("--tag", type=int, default=0, help="rig number: several rigs can coexist")
     parser.add_argument("--no-warm-up", action="store_true")
+    parser.add_argument("--force", action="store_true",
+                        help="down: tear down even while another live process holds the rig's lock")
     args = parser.parse_args(argv)
     cluster = NamespaceCluster(nodes=args.nodes, base=args.base, tag=args.tag, warm_up=not args.no_warm_up)
     if args.action == "down":
-        cluster.down()
+        try:
+            cluster.down(force=args.force)
+        except RigError as exc:
+            print(f"cluster not torn down: {exc}" + ("" if args.force else " (--force to do it anyway)"),
+                  file=sys.stderr)
+            return 1
         print("cluster down")
         return 0
     try:
@@ -416,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     except RigError as exc:
         print(f"cluster did not come up: {exc}", file=sys.stderr)
         return 1
+    cluster._unlock()  # the CLI exits now: the rig stays up, and `rig.py down` may take it down
     print(f"{args.nodes}-node cluster up in {took:.1f} s; use it with: source {cluster.base / 'env.sh'}")
     return 0
 

@@ -1,6 +1,7 @@
 """Scale benchmark on the namespace cluster rig: many nodes, many ranks, millions of tasks.
 
-Brings up an N-node Slurm cluster in network namespaces (tests/cluster/rig.py; root, Slurm and
+Brings up an N-node Slurm cluster in network namespaces (tests/cluster/rig.py, its own tag 1 and base
+/tmp/flowcept-nscluster-bench, so it never touches the tests' rig; root, Slurm and
 iproute2 needed), runs ``srun -N NODES --ntasks-per-node=R flowcept-launch --no-consolidate --
 python scale_app.py`` with T tasks per rank, then consolidates the workflow in a separate process
 (as ``flowcept consolidate`` after a job) to time it and read its peak memory. A second, 10x
@@ -20,7 +21,9 @@ import argparse
 import glob
 import json
 import os
+import re
 import resource
+import select
 import shutil
 import statistics
 import subprocess
@@ -33,40 +36,88 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from cluster.rig import NamespaceCluster, missing_requirements  # noqa: E402
 
+from flowcept.consolidation import consolidated_path  # noqa: E402
+
 APP = REPO / "benchmarks" / "scale_app.py"
+WORK_TASK = b'"activity_id":"work"'  # how scale_app.py's tasks serialize (orjson: no spaces)
+# its own rig, never the tests' (tag 0, /tmp/flowcept-nscluster): the two may run at the same time
+RIG_TAG = 1
+RIG_BASE = Path("/tmp/flowcept-nscluster-bench")
+CONSOLIDATE_TIMEOUT_S = 3600
 
 
 def _count_lines(path: str) -> int:
     count = 0
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
+        while chunk := handle.read(1 << 22):
             count += chunk.count(b"\n")
     return count
 
 
-def _hdf5_records(path: str) -> int:
-    from flowcept.hdf5_store import iter_hdf5_lines
+def _count_bytes(path: str, needle: bytes) -> int:
+    """Occurrences of ``needle`` in a file, read in blocks (one that straddles two blocks counted once)."""
+    count, tail = 0, b""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            block = tail + chunk
+            count += block.count(needle)
+            # keep what could start a match that ends in the next block, but never a whole match
+            tail = block[-(len(needle) - 1):] if len(needle) > 1 else b""
+    return count
 
-    return sum(1 for _ in iter_hdf5_lines(path))
+
+def _hdf5_rows(path: str) -> dict:
+    """Rows per group of a consolidated HDF5 file, from the datasets' shapes (nothing is read)."""
+    import h5py
+
+    from flowcept.hdf5_store import GROUPS
+
+    with h5py.File(path, "r") as handle:
+        return {g: handle[g]["record"].shape[0] for g in GROUPS if g in handle and "record" in handle[g]}
 
 
 def _consolidate(workflow_id: str, buffer_path: str, fmt: str = "jsonl") -> dict:
-    """Run consolidation in a child process; its wall time and peak RSS (from wait4's rusage)."""
+    """Run consolidation in a child process; its wall time and peak RSS.
+
+    The peak is the child's own VmHWM (high-water mark of its address space after exec): wait4's
+    ru_maxrss is not, because Linux carries the pre-exec high-water mark across execve, and a
+    vfork()ed child's pre-exec memory is this script's, so it would report at least our own peak.
+    """
     code = ("import sys; from flowcept.consolidation import consolidate, consolidated_path; "
             "consolidate(sys.argv[2], sys.argv[1], output_format=sys.argv[3], cleanup_files=False); "
-            "print(consolidated_path(sys.argv[2], sys.argv[1], sys.argv[3]))")
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, workflow_id, buffer_path, fmt],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"consolidation failed: {stderr[-2000:]}")
-    output = stdout.strip().splitlines()[-1]
-    records = _count_lines(output) if fmt == "jsonl" else _hdf5_records(output)
-    return {"seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "records": records,
-            "bytes": os.path.getsize(output)}
+            "print(consolidated_path(sys.argv[2], sys.argv[1], sys.argv[3])); "
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))")
+    # the child's output goes to files, not pipes: nobody reads a pipe while wait4 waits, so a child
+    # writing more than a pipe holds (64 KiB) would block for ever
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", code, workflow_id, buffer_path, fmt], stdout=out, stderr=err)
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            exited = select.select([pidfd], [], [], CONSOLIDATE_TIMEOUT_S)[0]
+        finally:
+            os.close(pidfd)
+        if not exited:
+            proc.kill()
+        _, status, usage = os.wait4(proc.pid, 0)  # reaps it here, so its rusage is ours to read
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read()[-2000:].decode(errors="replace")
+    if not exited:
+        raise SystemExit(f"consolidation did not finish within {CONSOLIDATE_TIMEOUT_S} s: {stderr}")
+    if proc.returncode != 0:
+        raise SystemExit(f"consolidation failed ({proc.returncode}): {stderr}")
+    *_, output, hwm_kib = stdout.strip().splitlines()
+    if fmt == "jsonl":
+        records, work_tasks = _count_lines(output), _count_bytes(output, WORK_TASK)
+    else:
+        rows = _hdf5_rows(output)
+        records, work_tasks = sum(rows.values()), rows.get("tasks", 0)
+    return {"seconds": wall, "peak_rss_mib": int(hwm_kib) / 1024, "wait4_maxrss_mib": usage.ru_maxrss / 1024,
+            "records": records,
+            "work_tasks": work_tasks, "bytes": os.path.getsize(output), "path": output}
 
 
 def main() -> None:
@@ -89,7 +140,8 @@ def main() -> None:
     results.mkdir()
     launch = Path(sys.executable).with_name("flowcept-launch")
     launch_cmd = [str(launch)] if launch.exists() else [sys.executable, "-m", "flowcept.launch"]
-    cluster = NamespaceCluster(nodes=args.nodes, cpus_per_node=max(4, args.ranks_per_node))
+    cluster = NamespaceCluster(nodes=args.nodes, cpus_per_node=max(4, args.ranks_per_node), tag=RIG_TAG,
+                               base=RIG_BASE)
     print(f"machine: {os.cpu_count()} CPUs; {args.nodes} nodes x {args.ranks_per_node} ranks = {ranks} ranks, "
           f"{args.tasks:,} tasks each = {ranks * args.tasks:,} tasks")
     up_s = cluster.up()
@@ -128,8 +180,13 @@ def main() -> None:
         span = max(r["ended_at"] for r in mine) - min(r["began_at"] for r in mine)
         records = _count_lines(path)
         per_node.append((node, records, records / span if span > 0 else 0.0))
+    # A rank's own file (<stem>_<wf>_<host>_<pid>.jsonl) holding tasks is a spill: its daemon did not
+    # take them. Node files (_node-), rank records (_ranks-) and the consolidated output are not.
+    per_process = re.compile(rf"^flowcept_buffer_{re.escape(workflow_id)}_.+_\d+\.jsonl$")
+    consolidated = Path(consolidated_path(str(out / "flowcept_buffer.jsonl"), workflow_id)).name
     spilled = [p for p in glob.glob(str(out / "flowcept_buffer_*.jsonl"))
-               if "_node-" not in p and "_ranks-" not in p and os.path.getsize(p) > 0 and _count_lines(p) > 2]
+               if per_process.match(Path(p).name) and "_node-" not in p and "_ranks-" not in p
+               and Path(p).name != consolidated and _count_bytes(p, WORK_TASK) > 0]
     shared_files = sum(len(files) for _, _, files in os.walk(out))
     print(f"files the job left on the output filesystem: {shared_files} for {args.nodes} nodes and {ranks} ranks")
     node_rates = sorted(rate for _, _, rate in per_node)
@@ -142,8 +199,12 @@ def main() -> None:
     print(f"consolidation (full): {full['records']:,} records, {full['bytes'] / 2**20:,.0f} MiB in "
           f"{full['seconds']:.1f} s = {full['records'] / full['seconds']:,.0f} records/s; "
           f"peak RSS {full['peak_rss_mib']:.0f} MiB")
-    if full["records"] < expected_tasks:
-        print(f"WARNING: {expected_tasks - full['records']:,} tasks missing from the consolidated output")
+    # count the app's tasks themselves: telemetry and other lines must not hide a missing task
+    verdict = "all present, each once" if full["work_tasks"] == expected_tasks else (
+        f"WARNING: {expected_tasks - full['work_tasks']:,} missing" if full["work_tasks"] < expected_tasks
+        else f"WARNING: {full['work_tasks'] - expected_tasks:,} too many (duplicates)")
+    print(f"tasks in the consolidated output: {full['work_tasks']:,} of {expected_tasks:,} "
+          f"({ranks} ranks x {args.tasks:,}): {verdict}")
 
     # a 10x smaller input of the same shape: the first tenth of each node file
     small_dir = work / "small"
@@ -163,9 +224,9 @@ def main() -> None:
         import h5py  # noqa: F401
 
         h5 = _consolidate(workflow_id, str(small_dir / "flowcept_buffer.jsonl"), "hdf5")
-        print(f"consolidation to HDF5 (1/10 input): {h5['seconds']:.1f} s = "
-              f"{small['records'] / h5['seconds']:,.0f} records/s; peak RSS {h5['peak_rss_mib']:.0f} MiB; "
-              f"{h5['bytes'] / 2**20:,.0f} MiB")
+        print(f"consolidation to HDF5 (1/10 input): {h5['records']:,} rows ({h5['work_tasks']:,} tasks; JSONL had "
+              f"{small['work_tasks']:,}) in {h5['seconds']:.1f} s = {h5['records'] / h5['seconds']:,.0f} records/s; "
+              f"peak RSS {h5['peak_rss_mib']:.0f} MiB; {h5['bytes'] / 2**20:,.0f} MiB")
     except ImportError:
         print("h5py not installed: HDF5 consolidation skipped")
     self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

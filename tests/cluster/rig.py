@@ -253,6 +253,7 @@ class NamespaceCluster:
         check_base(self.base, create=True)
         self._lock()  # held until down(): a second user of this base is refused, not clobbered
         try:
+            self._check_tag_not_taken()
             self._teardown()  # what a crashed earlier run of this rig left
             self._check_subnet_free()
         except BaseException:
@@ -298,6 +299,15 @@ class NamespaceCluster:
             fd, self._lock_fd = self._lock_fd, None
             os.ftruncate(fd, 0)
             os.close(fd)  # closing the last fd of the open file releases the flock
+
+    def _check_tag_not_taken(self) -> None:
+        """The lock is per base; names and subnet are per tag. A bridge of this tag that this base did
+        not record (its ``run/namespaces``, written before any link is made) belongs to another
+        base's rig, which the tear-down of leftovers would destroy: refuse instead."""
+        bridge_there = _sh("ip", "link", "show", self.bridge, check=False).returncode == 0
+        if bridge_there and not (self.base / "run" / "namespaces").exists():
+            raise RigError(f"tag {self.tag} is in use by a rig with another base (its bridge {self.bridge} exists, "
+                           f"{self.base} did not make it); pick another --tag, or take that rig down first")
 
     def _check_subnet_free(self) -> None:
         """Refuse to build over a network this host already uses: the rig's connected route would take

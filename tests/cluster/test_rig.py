@@ -157,3 +157,17 @@ def test_a_subnet_the_host_already_uses_is_refused(rig_host, tmp_path: Path, how
     finally:
         subprocess.run(remove, capture_output=True)
     rig.down()
+
+
+def test_a_tag_another_base_uses_is_refused(rig_host, tmp_path: Path) -> None:
+    """The lock is per base: a rig with the same tag and another base must not tear the first one down."""
+    tag = _spare_tag(9)
+    rig = NamespaceCluster(nodes=1, base=tmp_path / "rig", tag=tag, warm_up=False)
+    made = subprocess.run(["ip", "link", "add", rig.bridge, "type", "bridge"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    try:
+        with pytest.raises(RigError, match=f"tag {tag} is in use by a rig with another base"):
+            rig.up()
+        assert rig.bridge in _links()  # the other rig's bridge is left alone
+    finally:
+        subprocess.run(["ip", "link", "del", rig.bridge], capture_output=True)

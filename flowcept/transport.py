@@ -118,11 +118,26 @@ class FileTransport:
         return fd
 
     def _write(self, workflow_id: Optional[str], payload: bytes) -> None:
+        """Append the whole batch or nothing: a write cut short (disk full) is truncated away.
+
+        Otherwise the retry would write the batch's first lines a second time into the same file
+        (consolidation removes duplicates between files, and assumes none inside one).
+        """
         fd = self._fd(workflow_id)
+        start = os.fstat(fd).st_size  # only this process appends to its file: once per batch
         view = memoryview(payload)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        except OSError:
+            if view.nbytes < len(payload):  # part of the batch is in the file: take it back
+                try:
+                    os.ftruncate(fd, start)
+                except OSError as error:
+                    logger.error("could not take back a partly written batch (%s): its first lines may "
+                                 "appear twice in %s", error, self.path_for(workflow_id))
+            raise
         self._unsynced_bytes += len(payload)
         self._unsynced.add(workflow_id)
 
@@ -132,12 +147,16 @@ class FileTransport:
                 self._retry_pending()
             try:
                 self._write(workflow_id, payload)
-                self.records_written += count
-                if self.fsync_policy == "flush":
-                    _datasync(self._fds[workflow_id])
-                    self._unsynced.discard(workflow_id)
             except OSError as error:
                 self._keep(workflow_id, payload, count, error)
+                return
+            self.records_written += count
+            if self.fsync_policy == "flush":
+                try:  # the batch is written: a failed sync must not make a retry write it again
+                    _datasync(self._fds[workflow_id])
+                    self._unsynced.discard(workflow_id)
+                except OSError as error:
+                    logger.warning("fdatasync of %s failed: %s", self.path_for(workflow_id), error)
 
     def _keep(self, workflow_id: Optional[str], payload: bytes, count: int, error: OSError) -> None:
         """A write failed (full disk, quota, vanished directory): keep the batch for a retry."""

@@ -48,10 +48,15 @@ class JsonlSink:
         if not payload:
             return
         fd = self._open()
+        start = os.fstat(fd).st_size
         view = memoryview(payload)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        except OSError:
+            self._take_back(fd, start)
+            raise
         self._dirty = True
         self.records_written += count
         self.bytes_written += len(payload)
@@ -66,19 +71,35 @@ class JsonlSink:
             return
         fd = self._open()
         total = 0
-        for start in range(0, len(payloads), 512):  # IOV_MAX is 1024 on Linux
-            chunk = payloads[start:start + 512]
-            size = sum(len(p) for p in chunk)
-            written = os.writev(fd, chunk)
-            if written < size:  # short write (signal, full disk): finish the rest piece by piece
-                rest = b"".join(chunk)[written:]
-                view = memoryview(rest)
-                while view:
-                    view = view[os.write(fd, view):]
-            total += size
+        begin = os.fstat(fd).st_size
+        try:
+            for start in range(0, len(payloads), 512):  # IOV_MAX is 1024 on Linux
+                chunk = payloads[start:start + 512]
+                size = sum(len(p) for p in chunk)
+                written = os.writev(fd, chunk)
+                if written < size:  # short write (signal, full disk): finish the rest piece by piece
+                    rest = b"".join(chunk)[written:]
+                    view = memoryview(rest)
+                    while view:
+                        view = view[os.write(fd, view):]
+                total += size
+        except OSError:
+            self._take_back(fd, begin)
+            raise
         self._dirty = True
         self.records_written += count
         self.bytes_written += total
+
+    def _take_back(self, fd: int, size: int) -> None:
+        """Leave no part of a batch whose write failed (disk full).
+
+        The batch is nacked and the client keeps it; a torn line would glue itself to the next
+        batch's first record and lose it.
+        """
+        try:
+            os.ftruncate(fd, size)
+        except OSError as error:
+            logger.error("could not take back a partly written batch in %s: %s", self.path, error)
 
     def write(self, records: List[Dict[str, Any]]) -> None:
         """Write a batch of record dicts."""

@@ -329,11 +329,12 @@ class DaemonServer:
         if step_dir is not None:
             # The job's keys are shared with every status client: this socket only answers status.
             self._status_only.add(len(self._sockets) - 1)
-            host = self.config.tcp_host if self.config.tcp_host not in ("0.0.0.0", "*") \
-                else job_registry.advertised_host()
+            hosts = [self.config.tcp_host] if self.config.tcp_host not in ("0.0.0.0", "*") \
+                else job_registry.advertised_hosts()
+            addresses = [f"tcp://{host}:{port}" for host in hosts]
             try:
                 self._job_entry = job_registry.register_node(step_dir, self.config.node, self.config.job_step,
-                                                             f"tcp://{host}:{port}", os.getpid())
+                                                             addresses[0], os.getpid(), addresses)
             except (OSError, job_registry.JobKeysError) as error:
                 logger.warning("cross-node status off: cannot register in %s (%s)", step_dir, error)
 

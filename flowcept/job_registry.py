@@ -150,29 +150,44 @@ def client_keys(keys: str) -> Tuple[bytes, bytes, bytes]:
     return server_public, public, secret
 
 
-def advertised_host() -> str:
-    """An address other nodes can reach this one at: the host name's non-loopback address."""
+def advertised_hosts() -> List[str]:
+    """Addresses other hosts may reach this node at, most likely first.
+
+    The host name's non-loopback addresses, then every other up interface's IPv4 address (a host
+    name that resolves to 127.0.1.1, or to a network the login host cannot reach, is common), then
+    the host name itself for the client's resolver.
+    """
     name = socket_module.gethostname()
+    found: List[str] = []
     try:
-        infos = socket_module.getaddrinfo(name, None, socket_module.AF_INET)
+        found += [info[4][0] for info in socket_module.getaddrinfo(name, None, socket_module.AF_INET)]
     except OSError:
-        return name
-    for info in infos:
-        address = info[4][0]
-        if not address.startswith("127."):
-            return address
-    return name
+        pass
+    try:
+        import psutil
+
+        stats = psutil.net_if_stats()
+        for interface, addresses in psutil.net_if_addrs().items():
+            if interface in stats and not stats[interface].isup:
+                continue
+            found += [a.address for a in addresses if a.family == socket_module.AF_INET]
+    except Exception:  # psutil missing or the platform says no: the host name still works
+        pass
+    usable = [a for a in dict.fromkeys(found) if not a.startswith("127.")]
+    return usable + [name]
 
 
-def register_node(directory: str, node: str, step: str, address: str, pid: int) -> str:
-    """Announce a node daemon's TCP address in its step directory; returns the entry's path."""
+def register_node(directory: str, node: str, step: str, address: str, pid: int,
+                  addresses: Optional[List[str]] = None) -> str:
+    """Announce a node daemon's TCP address(es) in its step directory; returns the entry's path."""
     nodes = os.path.join(directory, "nodes")
     _own_private_dir(directory)
     _own_private_dir(nodes)
     path = os.path.join(nodes, _UNSAFE.sub("-", node) + ".json")
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as handle:
-        handle.write(orjson.dumps({"node": node, "step": step, "address": address, "pid": pid,
+        handle.write(orjson.dumps({"node": node, "step": step, "address": address,
+                                   "addresses": addresses or [address], "pid": pid,
                                    "registered_at": time.time()}))
     os.replace(tmp, path)
     return path
@@ -306,7 +321,12 @@ def job_statuses(job_id: str, base: Optional[str] = None, timeout_s: float = 2.0
 
     def ask(item: Tuple[Dict[str, Any], Tuple[bytes, bytes, bytes]]) -> Dict[str, Any]:
         entry, keys = item
-        status = remote_status(entry["address"], keys, timeout_s)
+        candidates = [a for a in entry.get("addresses") or [] if isinstance(a, str)] or [entry["address"]]
+        share = max(timeout_s / len(candidates), min(timeout_s, 0.5))
+        for address in candidates:  # the first that answers, or says no, is the one
+            status = remote_status(address, keys, share)
+            if status.get("error") != "no answer":
+                break
         status.setdefault("node", entry.get("node"))
         status["step"] = entry.get("step")
         return status

@@ -180,10 +180,15 @@ class NodeDaemon:
 
             remove_step(step_dir(directory, self._step(launcher)))
 
-    @staticmethod
-    def _step(launcher: Any) -> str:
+    def _step(self, launcher: Any) -> str:
+        """The step's label in the job directory, with the cluster's name when Slurm gives one.
+
+        Two clusters sharing a home directory (and a job id) then never share a step's keys.
+        """
         step = launcher.placement.step_id
-        return "0" if step is None else str(step)
+        label = "0" if step is None else str(step)
+        cluster = self.env.get("SLURM_CLUSTER_NAME")
+        return f"{cluster}-{label}" if cluster else label
 
     def _remote_status_options(self, launcher: Any) -> List[str]:
         """TCP + CURVE and a job-directory entry, so every node of the job can be watched from any host.

@@ -204,6 +204,36 @@ def test_step_keys_are_made_once_by_racing_nodes_and_removed_at_the_end(tmp_path
     assert not (tmp_path / "jobs" / "9").exists()  # the last step takes the job directory along
 
 
+def test_status_tries_each_registered_address_in_turn(start_daemon, tmp_path: Path) -> None:  # noqa: F811
+    """A node whose first address is unreachable from here is still reached at its next one."""
+    import socket
+
+    from flowcept import job_registry
+
+    jobs = tmp_path / "jobs"
+    _start_job_daemons(start_daemon, jobs, "31", nodes=("nodeA",))
+    step = str(jobs / "31" / "0")
+    [entry] = job_registry.list_nodes(step)
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    job_registry.register_node(step, "nodeA", "0", dead, entry["pid"], [dead, entry["address"]])
+    [status] = job_registry.job_statuses("31", str(jobs), timeout_s=2)
+    assert "error" not in status, status
+    assert status["tcp_address"] == entry["address"]
+
+
+def test_advertised_hosts_never_loopback_and_end_with_the_host_name() -> None:
+    import socket
+
+    from flowcept import job_registry
+
+    hosts = job_registry.advertised_hosts()
+    assert hosts[-1] == socket.gethostname()
+    assert not any(h.startswith("127.") for h in hosts[:-1])
+    assert len(hosts) == len(set(hosts))
+
+
 def test_unknown_job_is_a_clear_error(tmp_path: Path) -> None:
     proc = _cli("daemon", "status", "--job", "nosuchjob", "--jobs-dir", str(tmp_path / "jobs"))
     assert proc.returncode != 0

@@ -56,7 +56,8 @@ def test_status_and_top_of_every_node_from_the_login_host(ns_cluster, tmp_path: 
                                             job_id, "--json"]).stdout)
         by_node = {n["node"]: n for n in report["nodes"]}
         for index, node in enumerate(NODES, 1):
-            assert by_node[node]["tcp_address"].startswith(f"tcp://{ns_cluster.node_ip(index)}:")  # the node's own address
+            # reached at the node's own address
+            assert by_node[node]["tcp_address"].startswith(f"tcp://{ns_cluster.node_ip(index)}:")
             assert by_node[node]["hostname"] == node
             assert by_node[node]["clients"]["connected"] >= 2  # the node's two ranks (and its launcher)
 

@@ -31,10 +31,9 @@ from typing import Any, Dict, List, Optional, Sized, Tuple, Union
 import orjson
 
 from flowcept import capture
-from flowcept.buffer import FAST_OPTIONS, splice_line
+from flowcept.buffer import splice_line
 from flowcept.capture import current_task_id
 from flowcept.ids import id_factory
-from flowcept.serialization import _fallback
 
 _ids = id_factory()
 _dumps = orjson.dumps
@@ -128,7 +127,7 @@ class FlowceptLoop:
         append = run.append
         pipeline = run.pipeline
         lines = pipeline.lines_for(self.workflow_id) if pipeline is not None else None
-        flush_size, limit = run.flush_size, run.limit
+        flush_size = run.flush_size
         telemetry = run.telemetry if self._per_iteration_telemetry else None
         workflow_id = self.workflow_id
         loop_id = self._loop_id
@@ -191,15 +190,7 @@ class FlowceptLoop:
                 if telemetry is not None:
                     record["telemetry_at_end"] = telemetry.capture()
                 if lines is not None:
-                    # Pipeline.append_parts, inlined (see flowcept.buffer).
-                    try:
-                        body = _dumps(record, default=_fallback, option=FAST_OPTIONS)
-                    except Exception:
-                        body = None
-                    if body is not None and len(body) <= limit:
-                        lines.append(body[:-1] + suffix)
-                    else:
-                        lines.append(splice_line(record, suffix, rest))
+                    lines.append(splice_line(record, suffix, rest))
                     if not len(lines) % flush_size:
                         pipeline.full(lines)
                 else:

@@ -8,17 +8,13 @@ import sys
 from time import time
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
-import orjson
-
 from flowcept import capture
-from flowcept.buffer import FAST_OPTIONS, splice_line
+from flowcept.buffer import splice_line
 from flowcept.capture import current_task_id
 from flowcept.ids import id_factory
 from flowcept.instrumentation.task_capture import FlowceptTask, _error_text, full_record
-from flowcept.serialization import _fallback
 
 _ids = id_factory()
-_dumps = orjson.dumps
 
 __all__ = ["flowcept_task", "FlowceptTask", "default_args_handler"]
 
@@ -104,9 +100,8 @@ def _generated(result: Any, output_names: Union[None, str, Sequence[str]]) -> Op
 # *args/**kwargs packing, no binder call. Every local name starts with _fc_, which no
 # parameter of a compiled function may.
 _WRAPPER_TEMPLATE = """
-def _fc_make(_fc_fn, _fc_slow, _fc_capture, _fc_time, _fc_cv, _fc_ids, _fc_dumps, _fc_fallback,
-             _fc_opt, _fc_splice_line, _fc_full_record, _fc_finish, _fc_generated, _fc_activity,
-             _fc_output_names, _fc_defaults):
+def _fc_make(_fc_fn, _fc_slow, _fc_capture, _fc_time, _fc_cv, _fc_ids, _fc_splice_line, _fc_full_record,
+             _fc_finish, _fc_generated, _fc_activity, _fc_output_names, _fc_defaults):
     {unpack_defaults}
     def {name}({params}):
         _fc_run = _fc_capture.state
@@ -133,14 +128,7 @@ def _fc_make(_fc_fn, _fc_slow, _fc_capture, _fc_time, _fc_cv, _fc_ids, _fc_dumps
             _fc_record["generated"] = (_fc_result if type(_fc_result) is dict
                                        else _fc_generated(_fc_result, _fc_output_names))
         if _fc_capture.state is _fc_run:
-            try:
-                _fc_body = _fc_dumps(_fc_record, default=_fc_fallback, option=_fc_opt)
-            except Exception:
-                _fc_body = None
-            if _fc_body is not None and len(_fc_body) <= _fc_run.limit:
-                _fc_lines.append(_fc_body[:-1] + _fc_run.suffix)
-            else:
-                _fc_lines.append(_fc_splice_line(_fc_record, _fc_run.suffix, _fc_run.rest))
+            _fc_lines.append(_fc_splice_line(_fc_record, _fc_run.suffix, _fc_run.rest))
             if not len(_fc_lines) % _fc_run.flush_size:
                 _fc_run.pipeline.full(_fc_lines)
         else:
@@ -193,9 +181,8 @@ def _compiled_wrapper(function: Callable, slow: Callable, activity_id: str, outp
         exec(compile(source, f"<flowcept_task {function.__qualname__}>", "exec"), namespace)
     except SyntaxError:  # pragma: no cover - names were checked above
         return None
-    return namespace["_fc_make"](function, slow, capture, time, current_task_id, _ids, _dumps, _fallback,
-                                 FAST_OPTIONS, splice_line, full_record, finish, _generated, activity_id,
-                                 output_names, defaults)
+    return namespace["_fc_make"](function, slow, capture, time, current_task_id, _ids, splice_line, full_record,
+                                 finish, _generated, activity_id, output_names, defaults)
 
 
 def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> Callable:
@@ -319,15 +306,7 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                 if result is not None:
                     record["generated"] = result if type(result) is dict else _generated(result, output_names)
                 if capture.state is run:
-                    # Pipeline.append_parts, inlined (see flowcept.buffer).
-                    try:
-                        body = _dumps(record, default=_fallback, option=FAST_OPTIONS)
-                    except Exception:
-                        body = None
-                    if body is not None and len(body) <= run.limit:
-                        lines.append(body[:-1] + run.suffix)
-                    else:
-                        lines.append(splice_line(record, run.suffix, run.rest))
+                    lines.append(splice_line(record, run.suffix, run.rest))
                     if not len(lines) % run.flush_size:
                         run.pipeline.full(lines)
                 else:

@@ -5,20 +5,16 @@ from __future__ import annotations
 from time import time
 from typing import Any, Dict, List, Optional
 
-import orjson
-
 from flowcept import capture
-from flowcept.buffer import FAST_OPTIONS, splice_line
+from flowcept.buffer import splice_line
 from flowcept.capture import current_task_id
 from flowcept.ids import id_factory
 from flowcept.records import Status
-from flowcept.serialization import _fallback
 
 _ids = id_factory()
 _FINISHED = Status.FINISHED.value
 _ERROR = Status.ERROR.value
 _FINISHED_STATUS = Status.FINISHED  # identity check: Enum .value costs ~0.2 µs on the hot path
-_dumps = orjson.dumps
 
 
 def _status_text(status: Any) -> Any:
@@ -165,15 +161,9 @@ class FlowceptTask:
         run = self._run
         lines = self._lines
         if lines is not None and capture.state is run:
-            # Pipeline.append_parts, inlined: serialise what varies, splice the run's constant tail.
-            try:
-                body = _dumps(record, default=_fallback, option=FAST_OPTIONS)
-            except Exception:
-                body = None
-            if body is not None and len(body) <= run.limit:
-                lines.append(body[:-1] + run.suffix)
-            else:
-                lines.append(splice_line(record, run.suffix, run.rest))
+            # Pipeline.append_parts without its list lookup: serialise what varies, splice the
+            # run's constant tail.
+            lines.append(splice_line(record, run.suffix, run.rest))
             if not len(lines) % run.flush_size:
                 run.pipeline.full(lines)
         else:  # the run changed since the task began, a field overrides a constant one, no pipeline

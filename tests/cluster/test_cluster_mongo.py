@@ -7,20 +7,16 @@ network); every node daemon streams to it while the job runs, and `Flowcept.db` 
 from __future__ import annotations
 
 import collections
-import subprocess
-import sys
+import os
 import uuid
 from pathlib import Path
 from typing import Dict
 
 import pytest
+from cluster.jobs import paused_launch
 from conftest import wait_for
 from mongo_server import MongoServer, requires_server
 
-REPO = Path(__file__).resolve().parents[2]
-INSTRUMENTED = str(REPO / "tests" / "launch_apps" / "instrumented.py")
-_script = Path(sys.executable).with_name("flowcept-launch")
-LAUNCH = [str(_script)] if _script.exists() else [sys.executable, "-m", "flowcept.launch"]
 NODES = {"node1", "node2", "node3", "node4"}
 
 pymongo = pytest.importorskip("pymongo")
@@ -49,30 +45,20 @@ def test_daemons_of_all_nodes_write_live_then_flowcept_db_answers(ns_cluster, cl
     out, handshake = tmp_path / "out", tmp_path / "handshake"
     out.mkdir()
     handshake.mkdir()
-    args = ["srun", "-N", "4", "--ntasks-per-node=2", *LAUNCH, "--output-dir", str(out), "--",
-            sys.executable, INSTRUMENTED, "--tasks", "10", "--pause", str(handshake)]
-    job = ns_cluster.popen(args, env={**__import__("os").environ, **settings}, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
     client = pymongo.MongoClient(cluster_mongo.uri, serverSelectionTimeoutMS=5000)
     try:
-        wait_for(lambda: len(list(handshake.glob("ready-*"))) == 8 or job.poll() is not None, 60, "all ranks paused")
-        assert job.poll() is None, job.communicate()
-        tasks = client[database]["tasks"]
+        with paused_launch(ns_cluster, out, handshake, tasks=10, env={**os.environ, **settings}) as job:
+            tasks = client[database]["tasks"]
 
-        def live_from_every_node() -> bool:
-            docs = list(tasks.find({"activity_id": "app_step"}, {"node_name": 1, "rank": 1}))
-            return len(docs) == 80 and {d["node_name"] for d in docs} == NODES
+            def live_from_every_node() -> bool:
+                docs = list(tasks.find({"activity_id": "app_step"}, {"node_name": 1, "rank": 1}))
+                return len(docs) == 80 and {d["node_name"] for d in docs} == NODES
 
-        # the job is paused before its end: only the daemons can have written these
-        wait_for(live_from_every_node, 60, "every node's tasks in the database while the job runs")
-        (handshake / "go").write_text("")
-        stdout, stderr = job.communicate(timeout=120)
+            # the job is paused before its end: only the daemons can have written these
+            wait_for(live_from_every_node, 60, "every node's tasks in the database while the job runs")
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait(timeout=10)
         client.close()
-    assert job.returncode == 0, stdout + stderr
+    assert job.returncode == 0, job.stdout + job.stderr
 
     for key, value in settings.items():
         monkeypatch.setenv(key, value)

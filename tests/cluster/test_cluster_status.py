@@ -4,17 +4,13 @@ TCP with the job's CURVE keys; a client without them is refused."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cluster.jobs import paused_launch
 from conftest import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-INSTRUMENTED = str(REPO / "tests" / "launch_apps" / "instrumented.py")
-_script = Path(sys.executable).with_name("flowcept-launch")
-LAUNCH = [str(_script)] if _script.exists() else [sys.executable, "-m", "flowcept.launch"]
 NODES = ["node1", "node2", "node3", "node4"]
 
 pytest.importorskip("zmq")
@@ -35,12 +31,7 @@ def test_status_and_top_of_every_node_from_the_login_host(ns_cluster, tmp_path: 
     out, handshake = tmp_path / "out", tmp_path / "handshake"
     out.mkdir()
     handshake.mkdir()
-    args = ["srun", "-N", "4", "--ntasks-per-node=2", *LAUNCH, "--output-dir", str(out), "--",
-            sys.executable, INSTRUMENTED, "--tasks", "5", "--pause", str(handshake)]
-    job = ns_cluster.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: len(list(handshake.glob("ready-*"))) == 8 or job.poll() is not None, 60, "all ranks paused")
-        assert job.poll() is None, job.communicate()
+    with paused_launch(ns_cluster, out, handshake, tasks=5) as job:
         [job_id] = ns_cluster.run(["squeue", "-h", "-o", "%i"]).stdout.split()
 
         def every_node_answers() -> bool:
@@ -66,12 +57,6 @@ def test_status_and_top_of_every_node_from_the_login_host(ns_cluster, tmp_path: 
 
         refused = ns_cluster.run([sys.executable, "-c", STRANGER, job_id]).stdout.strip()
         assert refused.startswith("refused"), refused
-        (handshake / "go").write_text("")
-        stdout, stderr = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait(timeout=10)
-    assert job.returncode == 0, stdout + stderr
+    assert job.returncode == 0, job.stdout + job.stderr
     after = ns_cluster.run([sys.executable, "-m", "flowcept.cli", "daemon", "status", "--job", job_id], check=False)
     assert after.returncode != 0 and "no job directory" in after.stderr  # removed at the end of the job

@@ -14,20 +14,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import orjson
 import pytest
+from cluster.jobs import INSTRUMENTED, LAUNCH, PY, REPO, paused_launch
 from conftest import read_lines, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-INSTRUMENTED = str(REPO / "tests" / "launch_apps" / "instrumented.py")
 MPI_APP = str(REPO / "tests" / "mpi_apps" / "mpi_app.py")
-PY = sys.executable
-_script = Path(sys.executable).with_name("flowcept-launch")
-LAUNCH = [str(_script)] if _script.exists() else [PY, "-m", "flowcept.launch"]
 NODES = ["node1", "node2", "node3", "node4"]
 PER_NODE = 2
 
@@ -152,24 +147,13 @@ def test_killed_node_daemon_loses_nothing(ns_cluster, tmp_path: Path) -> None:
     out, handshake = tmp_path / "out", tmp_path / "handshake"
     out.mkdir()
     handshake.mkdir()
-    args = ["srun", "-N", "4", f"--ntasks-per-node={PER_NODE}", *LAUNCH, "--output-dir", str(out), "--",
-            PY, INSTRUMENTED, "--tasks", "20", "--pause", str(handshake)]
-    job = ns_cluster.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: len(list(handshake.glob("ready-*"))) == 8 or job.poll() is not None, 60, "all ranks ready")
-        assert job.poll() is None, job.communicate()
-        addresses: Dict[int, str] = {int(p.name.split("-")[1]): p.read_text() for p in handshake.glob("ready-*")}
+    with paused_launch(ns_cluster, out, handshake, tasks=20, per_node=PER_NODE) as job:
+        addresses = job.ready()
         victim = _daemon_pid(addresses[2])  # rank 2 runs on node2
         assert {addresses[2], addresses[3]} == {addresses[2]} and addresses[2] != addresses[0]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: _dead(victim), 10, "the daemon to die")
-        (handshake / "go").write_text("")
-        stdout, stderr = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait(timeout=10)
-    assert job.returncode == 0, stdout + stderr
+    assert job.returncode == 0, job.stdout + job.stderr
     tasks = [r for r in consolidated(out) if r["type"] == "task"]
     ids = [r["task_id"] for r in tasks]
     assert len(ids) == len(set(ids))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import socket as socket_module
 import stat
@@ -33,11 +32,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import orjson
 
 from flowcept import protocol
+from flowcept.transport import safe_name
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_JOBS_DIR = "~/.flowcept/jobs"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class JobKeysError(RuntimeError):
@@ -70,7 +69,7 @@ def curve_dir(directory: str) -> str:
 
 def step_dir(job_directory: str, step: str) -> str:
     """``<job dir>/<step>``: the keys and node entries of one job step."""
-    return os.path.join(job_directory, _UNSAFE.sub("-", str(step)) or "0")
+    return os.path.join(job_directory, safe_name(str(step)) or "0")
 
 
 def _own_private_dir(path: str) -> None:
@@ -183,7 +182,7 @@ def register_node(directory: str, node: str, step: str, address: str, pid: int,
     nodes = os.path.join(directory, "nodes")
     _own_private_dir(directory)
     _own_private_dir(nodes)
-    path = os.path.join(nodes, _UNSAFE.sub("-", node) + ".json")
+    path = os.path.join(nodes, safe_name(node) + ".json")
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as handle:
         handle.write(orjson.dumps({"node": node, "step": step, "address": address,
@@ -295,11 +294,11 @@ def remote_status(address: str, keys: Tuple[bytes, bytes, bytes], timeout_s: flo
         context.term()
 
 
-def job_statuses(job_id: str, base: Optional[str] = None, timeout_s: float = 2.0) -> List[Dict[str, Any]]:
-    """The status of every registered daemon of every running step of a job, asked in parallel.
+def job_targets(job_id: str, base: Optional[str] = None) -> List[Tuple[Dict[str, Any], Tuple[bytes, bytes, bytes]]]:
+    """Every registered daemon of every running step of a job, with its step's client keys.
 
-    Keys are read afresh on each call (a new step brings new keys); unreachable or refusing
-    daemons become entries with an ``error``.
+    Reads only files: raises FileNotFoundError for an unknown job and JobKeysError for one the
+    user cannot read; asks no daemon.
     """
     directory = job_dir(job_id, base)
     try:
@@ -309,12 +308,22 @@ def job_statuses(job_id: str, base: Optional[str] = None, timeout_s: float = 2.0
                            f"directory is readable only by the user who ran it)") from None
     except FileNotFoundError:
         pass  # list_steps says what that means
-    asks: List[Tuple[Dict[str, Any], Tuple[bytes, bytes, bytes]]] = []
+    targets: List[Tuple[Dict[str, Any], Tuple[bytes, bytes, bytes]]] = []
     for step in list_steps(directory):
         entries = list_nodes(step)
         if entries:
             keys = client_keys(curve_dir(step))  # an unreadable job says so plainly
-            asks += [(entry, keys) for entry in entries]
+            targets += [(entry, keys) for entry in entries]
+    return targets
+
+
+def job_statuses(job_id: str, base: Optional[str] = None, timeout_s: float = 2.0) -> List[Dict[str, Any]]:
+    """The status of every registered daemon of every running step of a job, asked in parallel.
+
+    Keys are read afresh on each call (a new step brings new keys); unreachable or refusing
+    daemons become entries with an ``error``.
+    """
+    asks = job_targets(job_id, base)
     if not asks:
         return []
     from concurrent.futures import ThreadPoolExecutor

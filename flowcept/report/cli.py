@@ -95,7 +95,7 @@ def top_command(addresses: Tuple[str, ...], runtime_dirs: Tuple[str, ...], job_i
         from flowcept import job_registry
 
         try:
-            job_registry.job_statuses(job_id, jobs_dir, timeout_s=timeout_s)  # fail early and plainly
+            job_registry.job_targets(job_id, jobs_dir)  # an unknown or unreadable job fails here, plainly
         except (job_registry.JobKeysError, FileNotFoundError, ValueError) as error:
             raise click.ClickException(str(error)) from error
 

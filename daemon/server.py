@@ -286,10 +286,10 @@ class DaemonServer:
         import zmq.auth
         from zmq.auth.thread import ThreadAuthenticator
 
+        from flowcept import job_registry
+
         step_dir = None
         if self.config.job_dir:
-            from flowcept import job_registry
-
             try:
                 step_dir = job_registry.step_dir(self.config.job_dir, self.config.job_step)
                 keys = job_registry.ensure_keys(step_dir)
@@ -299,20 +299,10 @@ class DaemonServer:
                                self.config.job_dir, error)
                 return
         else:
-            keys = os.path.join(self.config.runtime_dir, "curve")
-        authorized = os.path.join(keys, "authorized")
-        os.makedirs(authorized, mode=0o700, exist_ok=True)
-        if not os.path.exists(os.path.join(keys, "server.key_secret")):
-            zmq.auth.create_certificates(keys, "server")
-        if not os.path.exists(os.path.join(keys, "client.key_secret")):
-            zmq.auth.create_certificates(keys, "client")
-        client_public = os.path.join(authorized, "client.key")
-        if not os.path.exists(client_public):
-            with open(os.path.join(keys, "client.key"), "rb") as src, open(client_public, "wb") as dst:
-                dst.write(src.read())
+            keys = job_registry.make_keys(self.config.runtime_dir)  # the runtime directory is private
         self._authenticator = ThreadAuthenticator(self._context)
         self._authenticator.start()
-        self._authenticator.configure_curve(domain="*", location=authorized)
+        self._authenticator.configure_curve(domain="*", location=os.path.join(keys, "authorized"))
         public, secret = zmq.auth.load_certificate(os.path.join(keys, "server.key_secret"))
         router = self._new_router()
         router.curve_publickey = public

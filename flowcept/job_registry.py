@@ -96,11 +96,20 @@ def _own_private_dir(path: str) -> None:
 
 def ensure_keys(directory: str) -> str:
     """A step's key directory, creating the keys if no node has yet; returns ``<directory>/curve``."""
+    _own_private_dir(os.path.dirname(directory))
+    _own_private_dir(directory)
+    return make_keys(directory)
+
+
+def make_keys(directory: str) -> str:
+    """``<directory>/curve``: server and client key pairs, the client's public key authorised.
+
+    Made once, atomically (concurrent callers agree). ``directory`` must exist and be private
+    already (a step directory, or a daemon's runtime directory).
+    """
     import zmq.auth
 
     keys = curve_dir(directory)
-    _own_private_dir(os.path.dirname(directory))
-    _own_private_dir(directory)
     if os.path.exists(os.path.join(keys, "server.key_secret")):
         return keys
     staging = os.path.join(directory, f".curve-{socket_module.gethostname()}-{os.getpid()}")

@@ -58,10 +58,9 @@ def _curve_setup(socket: Any, address: str) -> None:
     if not directory:
         raise ValueError("a tcp:// daemon address needs FLOWCEPT_DAEMON_CURVE_DIR (CURVE keys); "
                          "use ipc:// on the node")
-    import zmq.auth
+    from flowcept.job_registry import client_keys
 
-    server_public, _ = zmq.auth.load_certificate(os.path.join(directory, "server.key"))
-    public, secret = zmq.auth.load_certificate(os.path.join(directory, "client.key_secret"))
+    server_public, public, secret = client_keys(directory)
     socket.curve_serverkey = server_public
     socket.curve_publickey = public
     socket.curve_secretkey = secret

@@ -8,18 +8,20 @@ and the workflow's start and end records are one document.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, List
 
 import pytest
 from conftest import app_env, wait_for
 from conftest_mongo import *  # noqa: F401,F403  (fixtures)
 from conftest_mongo import requires_server
+from test_daemon import Daemon, start_daemon  # noqa: F401  (fixture)
 
 pytest.importorskip("zmq")
 pytest.importorskip("pymongo")
@@ -61,54 +63,14 @@ RANK_APP = textwrap.dedent("""
 """)
 
 
-class DaemonProcess:
-    """``python -m flowcept.daemon`` started by the test, killed by the fixture if still alive."""
-
-    def __init__(self, directory: Path, process: subprocess.Popen, log: Path):
-        self.directory, self.process, self.log = directory, process, log
-        self.address = ""
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
 @pytest.fixture
-def start_mongo_daemon(tmp_path: Path) -> Iterator[Callable[[], DaemonProcess]]:
+def start_mongo_daemon(start_daemon) -> Callable[[], Daemon]:  # noqa: F811
     """Start a daemon writing JSONL and MongoDB (settings from this test's FLOWCEPT_* variables)."""
-    from flowcept import protocol
-
-    started: List[DaemonProcess] = []
-
-    def start() -> DaemonProcess:
-        directory = tmp_path / f"rt{len(started)}"
-        directory.mkdir()
-        log = tmp_path / f"daemon{len(started)}.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen([sys.executable, "-m", "flowcept.daemon", "--runtime-dir", str(directory),
-                                        "--no-gpu", "--telemetry-interval", "0.2", "--sinks", "jsonl,mongodb",
-                                        "--log-level", "info"], stdout=out, stderr=out, env=app_env())
-        daemon = DaemonProcess(directory, process, log)
-        started.append(daemon)
-
-        def ready() -> bool:
-            record = protocol.read_ready(str(directory))
-            if record and record.get("pid") == process.pid:
-                daemon.address = record["address"]
-                return True
-            assert process.poll() is None, f"daemon exited early:\n{daemon.output()}"
-            return False
-
-        wait_for(ready, 30, "the daemon's ready file")
-        return daemon
-
-    yield start
-    for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-        daemon.process.wait(timeout=10)
+    names = itertools.count()
+    return lambda: start_daemon("--sinks", "jsonl,mongodb", name=f"rt{next(names)}")
 
 
-def start_job(daemon: DaemonProcess, tmp_path: Path, workflow_id: str, n: int, pause_at: int) -> subprocess.Popen:
+def start_job(daemon: Daemon, tmp_path: Path, workflow_id: str, n: int, pause_at: int) -> subprocess.Popen:
     """``mpirun -np 2`` of RANK_APP, wired to the daemon."""
     app = tmp_path / "rank_app.py"
     app.write_text(RANK_APP)
@@ -188,7 +150,7 @@ def test_daemon_streams_a_two_rank_job_live_and_each_task_once(start_mongo_daemo
 
     wait_for(every_task_and_the_end, 30, "every task and the workflow end in MongoDB")
     mongo_daemon.process.send_signal(signal.SIGTERM)  # close() flushes the sink: nothing more may appear
-    assert mongo_daemon.process.wait(timeout=30) == 0, mongo_daemon.output()[-3000:]
+    assert mongo_daemon.process.wait(timeout=30) == 0, mongo_daemon.stderr()[-3000:]
 
     check_each_task_once(db, workflow_id, n)
     series = db.telemetry_timeseries({"workflow_id": workflow_id}, fields=["hostname"])
@@ -236,6 +198,6 @@ def test_server_stopped_mid_job_then_restarted_loses_and_doubles_nothing(
     wait_for(lambda: len(_numbered(db, workflow_id)) >= 2 * n and Spool(str(spool), 1 << 30).is_empty(), 60,
              "the spool replayed into the restarted server")
     daemon.process.send_signal(signal.SIGTERM)
-    assert daemon.process.wait(timeout=30) == 0, daemon.output()[-3000:]
+    assert daemon.process.wait(timeout=30) == 0, daemon.stderr()[-3000:]
     check_each_task_once(db, workflow_id, n)
     db.close()

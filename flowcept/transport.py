@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import threading
-from typing import Dict, List, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,37 @@ _BACKGROUND_SYNC_BYTES = 4 * 1024 * 1024
 # Data (and the size needed to read it back), not the inode's timestamps: what a killed job
 # or a crashed node needs, for less I/O than fsync.
 _datasync = getattr(os, "fdatasync", os.fsync)
+
+
+def append_whole(fd: int, payloads: Sequence[Any], path: str = "") -> int:
+    """Append bytes-like ``payloads`` to ``fd`` (``os.writev``, no joined copy): all or nothing.
+
+    A write cut short (disk full, quota) is truncated back to where the batch began before the
+    error propagates: a retry must not write the batch's first lines twice, and a torn line would
+    glue itself to the next batch's first record. The caller must be the file's only appender.
+    Returns the bytes written.
+    """
+    begin = os.fstat(fd).st_size
+    total = 0
+    try:
+        for start in range(0, len(payloads), 512):  # IOV_MAX is 1024 on Linux
+            chunk = payloads[start:start + 512]
+            size = sum(len(p) for p in chunk)
+            written = os.writev(fd, chunk)
+            if written < size:  # short write (signal, full disk): finish the rest piece by piece
+                view = memoryview(b"".join(chunk))[written:]
+                while view:
+                    view = view[os.write(fd, view):]
+            total += size
+    except OSError:
+        if total or os.fstat(fd).st_size != begin:
+            try:
+                os.ftruncate(fd, begin)
+            except OSError as error:
+                logger.error("could not take back a partly written batch (%s): its first lines may "
+                             "appear twice in %s", error, path or f"fd {fd}")
+        raise
+    return total
 
 
 def safe_name(text: str) -> str:
@@ -118,26 +149,8 @@ class FileTransport:
         return fd
 
     def _write(self, workflow_id: Optional[str], payload: bytes) -> None:
-        """Append the whole batch or nothing: a write cut short (disk full) is truncated away.
-
-        Otherwise the retry would write the batch's first lines a second time into the same file
-        (consolidation removes duplicates between files, and assumes none inside one).
-        """
-        fd = self._fd(workflow_id)
-        start = os.fstat(fd).st_size  # only this process appends to its file: once per batch
-        view = memoryview(payload)
-        try:
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-        except OSError:
-            if view.nbytes < len(payload):  # part of the batch is in the file: take it back
-                try:
-                    os.ftruncate(fd, start)
-                except OSError as error:
-                    logger.error("could not take back a partly written batch (%s): its first lines may "
-                                 "appear twice in %s", error, self.path_for(workflow_id))
-            raise
+        """Append the whole batch or nothing (consolidation assumes no line twice in one file)."""
+        append_whole(self._fd(workflow_id), (payload,), self.path_for(workflow_id))
         self._unsynced_bytes += len(payload)
         self._unsynced.add(workflow_id)
 

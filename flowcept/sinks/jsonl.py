@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-from flowcept.transport import hold_writer_lock
+from flowcept.transport import append_whole, hold_writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -44,62 +44,19 @@ class JsonlSink:
         return self._fd
 
     def write_lines(self, payload: bytes, count: int) -> None:
-        """Append whole JSONL lines (one ``os.write`` per call, looping only on short writes)."""
-        if not payload:
-            return
-        fd = self._open()
-        start = os.fstat(fd).st_size
-        view = memoryview(payload)
-        try:
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-        except OSError:
-            self._take_back(fd, start)
-            raise
+        """Append whole JSONL lines."""
+        if payload:
+            self.write_many((payload,), count)
+
+    def write_many(self, payloads: Sequence[Any], count: int) -> None:
+        """Append several JSONL payloads in one ``os.writev``, all or nothing (see ``append_whole``).
+
+        Payloads are bytes-like: the daemon passes the ZeroMQ frames it received, unchanged. A
+        failed batch leaves no trace in the file: the daemon nacks it and the client keeps it.
+        """
+        self.bytes_written += append_whole(self._open(), payloads, self.path)
         self._dirty = True
         self.records_written += count
-        self.bytes_written += len(payload)
-
-    def write_many(self, payloads: List[Any], count: int) -> None:
-        """Append several JSONL payloads with ``os.writev`` (no joined copy).
-
-        Payloads are bytes-like: the daemon passes the ZeroMQ frames it received, unchanged.
-        """
-        if len(payloads) == 1:
-            self.write_lines(payloads[0], count)
-            return
-        fd = self._open()
-        total = 0
-        begin = os.fstat(fd).st_size
-        try:
-            for start in range(0, len(payloads), 512):  # IOV_MAX is 1024 on Linux
-                chunk = payloads[start:start + 512]
-                size = sum(len(p) for p in chunk)
-                written = os.writev(fd, chunk)
-                if written < size:  # short write (signal, full disk): finish the rest piece by piece
-                    rest = b"".join(chunk)[written:]
-                    view = memoryview(rest)
-                    while view:
-                        view = view[os.write(fd, view):]
-                total += size
-        except OSError:
-            self._take_back(fd, begin)
-            raise
-        self._dirty = True
-        self.records_written += count
-        self.bytes_written += total
-
-    def _take_back(self, fd: int, size: int) -> None:
-        """Leave no part of a batch whose write failed (disk full).
-
-        The batch is nacked and the client keeps it; a torn line would glue itself to the next
-        batch's first record and lose it.
-        """
-        try:
-            os.ftruncate(fd, size)
-        except OSError as error:
-            logger.error("could not take back a partly written batch in %s: %s", self.path, error)
 
     def write(self, records: List[Dict[str, Any]]) -> None:
         """Write a batch of record dicts."""

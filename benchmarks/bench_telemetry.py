@@ -81,6 +81,7 @@ def main() -> None:
     from flowcept.telemetry.memory import MemorySampler
     from flowcept.telemetry.network import NetworkSampler
     from flowcept.telemetry.node import NodeSampler
+    from flowcept.telemetry.nvidia import METRIC_GROUPS, NvidiaSampler
     from flowcept.telemetry.process import ProcessSampler
 
     capture = TelemetryCapture(cpu=True, mem=True, process=True, mode="cached").start()
@@ -88,22 +89,44 @@ def main() -> None:
     capture.stop()
 
     print("\n== each sampler, one sample() (best of 5 x 200) ==")
+    gpu = GpuSampler()
+    gpu_label = "gpu" if gpu.samplers else "gpu (none here)"
     samplers = {"cpu": CpuSampler(wait_first=False), "cpu per-CPU": CpuSampler(per_cpu=True, wait_first=False),
                 "memory": MemorySampler(), "disk": DiskSampler(paths=[workdir]), "network": NetworkSampler(),
-                "process": ProcessSampler(wait_first=False), "gpu (none here)": GpuSampler()}
+                "process": ProcessSampler(wait_first=False), gpu_label: gpu}
     total = 0.0
     for name, sampler in samplers.items():
         cost = per_call_us(sampler.sample, 200)
         if name != "cpu per-CPU":
             total += cost
         print(f"  {name:<16} {cost:8.1f} us")
-    print(f"  gpu status: {samplers['gpu (none here)'].status}")
+    print(f"  gpu status: {gpu.status}")
 
     node = NodeSampler(gpu=True, pids_provider=lambda: {os.getpid(): 0})
     node.sample()
     snap = per_call_us(node.sample, 200)
-    print(f"\n== full node snapshot (node + 1 process + GPUs: none) ==\n  {snap / 1000:8.3f} ms  "
-          f"(target <= 2 ms; sum of samplers {total / 1000:.3f} ms)")
+    print(f"\n== full node snapshot (node + 1 process + GPUs: {len(gpu.inventory()) or 'none'}) ==\n"
+          f"  {snap / 1000:8.3f} ms  (target <= 2 ms; sum of samplers {total / 1000:.3f} ms)")
+    nvidia = NvidiaSampler()
+    if nvidia.status == "ok":  # a real GPU: what NVML costs per sample, against a snapshot without GPUs
+        names = sorted({d.name for d in nvidia.state.devices})
+        print(f"\n== real NVIDIA GPUs: {len(nvidia.state.devices)} x {names}, driver {nvidia.state.driver_version} "
+              f"(best of 5 x 50) ==")
+        one = per_call_us(nvidia.sample, 50)
+        print(f"  NvidiaSampler.sample(), all groups  {one / 1000:8.3f} ms  "
+              f"({one / 1000 / len(nvidia.state.devices):.3f} ms per GPU)")
+        for group in METRIC_GROUPS:
+            alone = NvidiaSampler(metrics=[group])
+            print(f"    {group:<12} alone             {per_call_us(alone.sample, 50) / 1000:8.3f} ms")
+            alone.close()
+        no_gpu = NodeSampler(gpu=False, pids_provider=lambda: {os.getpid(): 0})
+        no_gpu.sample()
+        base_snap = per_call_us(no_gpu.sample, 50)
+        with_gpu = per_call_us(node.sample, 50)
+        print(f"  node snapshot without GPU (baseline) {base_snap / 1000:8.3f} ms\n"
+              f"  node snapshot with GPUs              {with_gpu / 1000:8.3f} ms  "
+              f"({with_gpu / base_snap:.2f}x baseline)")
+        nvidia.close()
 
     print(f"\n== CPU cost of 1 Hz sampling over {args.seconds:.0f} s (process CPU time, idle main thread) ==")
 

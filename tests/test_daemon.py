@@ -64,12 +64,13 @@ class Daemon:
 def start_daemon(tmp_path: Path):
     started: List[Daemon] = []
 
-    def start(*extra: str, name: str = "rt", env: Optional[Dict[str, str]] = None) -> Daemon:
+    def start(*extra: str, name: str = "rt", env: Optional[Dict[str, str]] = None, gpu: bool = False) -> Daemon:
         directory = str(tmp_path / name)
         os.makedirs(directory, exist_ok=True)
         log = open(os.path.join(directory, "test-daemon.log"), "wb")
         process = subprocess.Popen([sys.executable, "-m", "flowcept.daemon", "--runtime-dir", directory,
-                                    "--no-gpu", "--telemetry-interval", "0.2", "--log-level", "info", *extra],
+                                    *([] if gpu else ["--no-gpu"]), "--telemetry-interval", "0.2",
+                                    "--log-level", "info", *extra],
                                    stdout=log, stderr=log, env=app_env(env))
         log.close()
         daemon = Daemon(directory, process)

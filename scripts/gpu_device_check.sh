@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1
 : > "$OUT/summary.txt"
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 began=$(date +%s)
-BUDGET=225  # seconds for the whole script
+BUDGET=210  # seconds for the whole script (the nvidia-smi -L/query steps add at most 20)
 # limit WANT: a step's timeout, cut to what is left of BUDGET (at least 5 s)
 limit() { local left=$((BUDGET - ($(date +%s) - began))); ((left < $1)) && set -- "$left"; ((${1} < 5)) && set -- 5; echo "$1"; }
 

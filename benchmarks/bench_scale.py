@@ -73,7 +73,7 @@ def _hdf5_rows(path: str) -> dict:
     from flowcept.hdf5_store import GROUPS
 
     with h5py.File(path, "r") as handle:
-        return {g: handle[g]["record"].shape[0] for g in GROUPS if g in handle and "record" in handle[g]}
+        return {g: handle[g]["seq"].shape[0] for g in GROUPS if g in handle and "seq" in handle[g]}
 
 
 def _consolidate(workflow_id: str, buffer_path: str, fmt: str = "jsonl") -> dict:

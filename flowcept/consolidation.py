@@ -804,11 +804,14 @@ def _merge_in_place(source: str, output: str, workflow_id: str, update: Optional
 
 def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", cleanup_files: bool = True,
                 order_by_time: bool = False, progress: Optional[Callable[[int], None]] = None,
-                extra_sources: Optional[List[str]] = None, workflow_update: Optional[dict] = None) -> MergeReport:
+                extra_sources: Optional[List[str]] = None, workflow_update: Optional[dict] = None,
+                parse_worker: Optional[bool] = None) -> MergeReport:
     """Merge every source of ``workflow_id`` into one file; idempotent; returns a report.
 
     ``progress`` is called with the number of input bytes consumed (a progress bar's update).
     ``order_by_time`` sorts by ``started_at``/``timestamp``; it holds the records in memory.
+    ``parse_worker``: HDF5 output may parse task columns in a helper process (default: the
+    ``project.hdf5_parse_worker`` setting).
     """
     if not workflow_id:
         raise ValueError("consolidation needs a workflow_id")
@@ -841,11 +844,16 @@ def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", 
         if output_format == "hdf5":
             from flowcept.hdf5_store import write_hdf5, write_hdf5_blocks
 
+            if parse_worker is None:
+                from flowcept.settings import load_settings
+
+                parse_worker = bool(load_settings()["project.hdf5_parse_worker"])
             if order_by_time:
                 report.records_out = write_hdf5(output, _ordered(_lines(merger.blocks(sources))),
-                                                workflow_id=workflow_id)
+                                                workflow_id=workflow_id, parse_worker=parse_worker)
             else:
-                report.records_out = write_hdf5_blocks(output, merger.blocks(sources), workflow_id=workflow_id)
+                report.records_out = write_hdf5_blocks(output, merger.blocks(sources), workflow_id=workflow_id,
+                                                       parse_worker=parse_worker)
         elif order_by_time:
             report.records_out = _write_jsonl(output, ((line + b"\n", 1, None) for line, _ in
                                                        _ordered(_lines(merger.blocks(sources)))))

@@ -62,6 +62,9 @@ KEYS: Tuple[Key, ...] = (
         "stop() (rank 0 under MPI) merges the workflow's files into one output."),
     Key("project.output_format", "jsonl", "choice:jsonl|hdf5",
         "Format of the consolidated output written by stop() and `flowcept consolidate`."),
+    Key("project.hdf5_parse_worker", True, "bool",
+        "A large HDF5 consolidation parses task columns in a helper process (a second core) while "
+        "it writes; false keeps it in one process."),
     Key("project.cleanup_files", True, "bool",
         "Remove the per-process/per-node files once they are consolidated."),
     Key("project.max_value_bytes", 8 * 1024 * 1024, "int",

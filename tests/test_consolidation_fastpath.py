@@ -134,7 +134,7 @@ def test_hdf5_sink_writes_blocks_as_they_come(tmp_path: Path) -> None:
     for start in range(0, len(records), 1000):
         batch = records[start:start + 1000]
         sink.write_lines(_lines(batch), len(batch))
-        assert len(sink._writer.writers["tasks"].lines) < WRITE_ROWS  # bounded: written as it goes
+        assert sink._writer.writers["tasks"].rows < WRITE_ROWS  # bounded: written as it goes
     sink.write([{"type": "telemetry", "telemetry_id": "t1", "node_name": "n", "timestamp": 1.0,
                  "cpu": {"percent": 5.0}}])
     assert not path.exists()  # complete only at close

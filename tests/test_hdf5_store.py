@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import orjson
@@ -33,12 +34,16 @@ def test_tasks_columns_and_round_trip(tmp_path: Path) -> None:
     with h5py.File(path, "r") as handle:
         assert handle.attrs["format"] == "flowcept" and handle.attrs["workflow_id"] == "w"
         tasks = handle["tasks"]
-        assert tasks["record"].shape == (count,)
+        assert tasks["offset"].shape == tasks["seq"].shape == (count,)
+        text = tasks["jsonl"][:].tobytes()  # the tasks as JSONL text: plain h5py reads them
+        assert [orjson.loads(line) for line in text.splitlines()] == records[:count]
+        start, end = tasks["offset"][7], tasks["offset"][8]
+        assert orjson.loads(text[start:end]) == records[7]  # a row read alone, by its offset
         assert tasks["task_id"].asstr()[5] == "00000000000000ab.5"
         assert tasks["rank"][3] == -1 and tasks["rank"][5] == 1
         assert math.isnan(tasks["started_at"][4]) and math.isnan(tasks["ended_at"][0])
-        assert orjson.loads(handle["workflows"]["record"][0])["name"] == "wf"
-        assert handle["other"]["record"].shape == (1,)
+        assert orjson.loads(handle["workflows"]["jsonl"][:].tobytes())["name"] == "wf"
+        assert handle["other"]["offset"].shape == (1,)
     frame = tasks_dataframe(path)
     assert len(frame) == count and set(frame["hostname"]) == {"n0", "n1"}
     assert frame.loc[frame["rank"] == 2, "task_id"].iloc[0] == "00000000000000ab.2"
@@ -80,3 +85,85 @@ def test_read_buffer_file_reads_h5_and_dataframe(tmp_path: Path) -> None:
     assert Flowcept.read_buffer_file(report.output_path) == read_records(report.output_path)
     frame = Flowcept.read_buffer_file(report.output_path, return_df=True)
     assert list(frame["used.a"]) == list(range(1, 21))
+
+
+def _task_block(first: int, count: int, prefix: str = "00000000000000cd") -> bytes:
+    """Canonical task lines with varied values: unicode, missing and odd-typed fields."""
+    lines = []
+    for i in range(first, first + count):
+        record = {"type": "task", "task_id": f"{prefix}.{i}", "workflow_id": "w", "activity_id": f"act-é{i % 7}",
+                  "status": "FINISHED", "started_at": 1.7e9 + i, "ended_at": 1.7e9 + i + 0.5, "rank": i % 4,
+                  "hostname": f"n{i % 3}", "pid": 100 + i % 5, "used": {"i": i, "text": "x" * (i % 50)}}
+        if i % 11 == 0:
+            record.pop("rank")
+        if i % 13 == 0:
+            record["pid"] = "not a number"
+        if i % 17 == 0:
+            record["parent_task_id"] = f"{prefix}.{i - 1}"
+        lines.append(orjson.dumps(record))
+    return b"\n".join(lines) + b"\n"
+
+
+def _write_blocks(path: Path, blocks, **writer_args):
+    from flowcept.hdf5_store import Hdf5Writer
+
+    writer = Hdf5Writer(str(path), "w", **writer_args)
+    for number, block in enumerate(blocks):
+        writer.add_block(block)
+        if number == 0 and writer.workers is not None:  # the first block started it
+            assert writer.workers.wait_ready(30.0)
+    return writer
+
+
+def _columns_of(path: Path) -> dict:
+    with h5py.File(path, "r") as handle:
+        return {name: handle["tasks"][name][:].tolist() for name in handle["tasks"] if name != "jsonl"}
+
+
+def test_column_worker_gives_the_same_file(tmp_path: Path) -> None:
+    """A real helper process parses blocks; its file equals the one written in one process."""
+    blocks = [_task_block(start, 3000) for start in range(0, 30000, 3000)]
+    alone = _write_blocks(tmp_path / "alone.h5", blocks)
+    assert alone.workers is None
+    alone.close()
+    helped = _write_blocks(tmp_path / "helped.h5", blocks, parse_worker=True, worker_after=0)
+    workers = helped.workers
+    assert workers.handed >= 3  # it took blocks (one at a time is parsed here when it is busy)
+    pid = workers.proc.pid
+    helped.close()
+    assert workers.proc is None and not os.path.exists(f"/proc/{pid}")  # ended and reaped
+    assert read_hdf5(str(tmp_path / "helped.h5")) == read_hdf5(str(tmp_path / "alone.h5"))
+    assert _columns_of(tmp_path / "helped.h5") == _columns_of(tmp_path / "alone.h5")
+    frame = tasks_dataframe(str(tmp_path / "helped.h5"))
+    assert len(frame) == 30000 and frame.pid[13] == -1 and frame["rank"][11] == -1
+    assert frame.activity_id[3] == "act-é3" and frame.parent_task_id[17] == "00000000000000cd.16"
+
+
+def test_column_worker_killed_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL the helper mid-merge: the blocks it owed are parsed here, the file is complete."""
+    import signal
+
+    blocks = [_task_block(start, 2000) for start in range(0, 40000, 2000)]
+    writer = _write_blocks(tmp_path / "out.h5", blocks[:6], parse_worker=True, worker_after=0)
+    assert writer.workers.handed >= 1
+    os.kill(writer.workers.proc.pid, signal.SIGKILL)
+    for block in blocks[6:]:
+        writer.add_block(block)
+    assert not writer.workers  # given up, with a warning
+    assert writer.close() == 40000
+    ids = [f"00000000000000cd.{i}" for i in range(40000)]
+    assert [r["task_id"] for r in read_hdf5(str(tmp_path / "out.h5"))] == ids
+    frame = tasks_dataframe(str(tmp_path / "out.h5"))
+    assert frame.task_id.tolist() == ids
+    assert frame.started_at.tolist() == [1.7e9 + i for i in range(40000)]
+
+
+def test_consolidation_setting_turns_the_worker_off(flowcept_tmp: Path, monkeypatch) -> None:
+    """project.hdf5_parse_worker=false: consolidation writes the same file, in one process."""
+    (flowcept_tmp / "flowcept_buffer_w_h_1.jsonl").write_bytes(_task_block(0, 500))
+    monkeypatch.setenv("FLOWCEPT_PROJECT_HDF5_PARSE_WORKER", "false")
+    report = consolidate(str(flowcept_tmp / "flowcept_buffer.jsonl"), "w", output_format="hdf5", cleanup_files=False)
+    assert report.records_out == 500 and len(tasks_dataframe(report.output_path)) == 500
+    monkeypatch.setenv("FLOWCEPT_PROJECT_HDF5_PARSE_WORKER", "maybe")
+    with pytest.raises(ValueError, match="project.hdf5_parse_worker"):
+        consolidate(str(flowcept_tmp / "flowcept_buffer.jsonl"), "w", output_format="hdf5", cleanup_files=False)

@@ -62,6 +62,8 @@ INT_COLUMNS = ("rank", "local_rank", "pid")
 GROUPS = ("tasks", "workflows", "telemetry", "other")
 _TASK_FIELDS = (*STRING_COLUMNS, *FLOAT_COLUMNS, *INT_COLUMNS)
 _GPU_KEYS = ("gpu", "gpus")
+_GPU_ID_KEYS = ("gpu_uuid", "gpu_index", "gpu_id", "uuid", "index")
+_MEMBER_ATTRS = ("gpu_uuid", "gpu_index", "gpu_name", "gpu_vendor", "pid", "rank")
 _NODE_ID_KEYS = ("node_name", "hostname")
 _TIME_KEYS = ("timestamp", "utc_timestamp", "captured_at", "started_at")
 _TASK_HEAD = b'{"type":"task"'
@@ -113,7 +115,8 @@ class _Appender:
         self.h5py = h5py
         self.rows = 0
 
-    def column(self, name: str, dtype: Any, fill: Any = None, compress: bool = False) -> Any:
+    def column(self, name: str, dtype: Any, fill: Any = None, compress: bool = False, rows: int = CHUNK_ROWS) -> Any:
+        """The column ``name``, created if new; ``rows`` it will hold at first (sizes small chunks)."""
         if name in self.group:
             return self.group[name]
         kwargs: Dict[str, Any] = {}
@@ -122,10 +125,10 @@ class _Appender:
         if compress:
             kwargs.update(compression="gzip", compression_opts=4, shuffle=True)
         return self.group.create_dataset(name, shape=(self.rows,), maxshape=(None,), dtype=dtype,
-                                         chunks=(CHUNK_ROWS,), **kwargs)
+                                         chunks=(_chunk(self.rows + rows, CHUNK_ROWS, 64),), **kwargs)
 
     def append(self, name: str, values: Any, dtype: Any, fill: Any = None, compress: bool = False) -> None:
-        dataset = self.column(name, dtype, fill, compress)
+        dataset = self.column(name, dtype, fill, compress, len(values))
         end = self.rows + len(values)
         if dataset.shape[0] < end:
             dataset.resize((end,))
@@ -136,8 +139,10 @@ class _Appender:
         if name in self.group:
             dataset = self.group[name]
         else:
+            # A group that starts with a small write (a workflow record, a daemon's first batch)
+            # gets smaller chunks: HDF5 stores every chunk whole.
             dataset = self.group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=self.np.uint8,
-                                                chunks=(BLOB_CHUNK,))
+                                                chunks=(_chunk(16 * len(data), BLOB_CHUNK, 16 * 1024),))
         start = dataset.shape[0]
         if len(data):
             dataset.resize((start + len(data),))
@@ -152,7 +157,7 @@ class _Appender:
             if dataset.dtype.itemsize < width:
                 dataset = self._widen(name, dataset, max(width, 2 * dataset.dtype.itemsize))
         else:
-            dataset = self.column(name, self.h5py.string_dtype("utf-8", _round_width(width)))
+            dataset = self.column(name, self.h5py.string_dtype("utf-8", _round_width(width)), rows=len(values))
         end = self.rows + len(values)
         if dataset.shape[0] < end:
             dataset.resize((end,))
@@ -164,12 +169,17 @@ class _Appender:
         tmp = f"{name}.widen"
         new = self.group.create_dataset(tmp, shape=old.shape, maxshape=(None,),
                                         dtype=self.h5py.string_dtype("utf-8", _round_width(width)),
-                                        chunks=(CHUNK_ROWS,))
+                                        chunks=old.chunks)
         for start in range(0, old.shape[0], WRITE_ROWS):
             new[start:start + WRITE_ROWS] = old[start:start + WRITE_ROWS].astype(new.dtype)
         del self.group[name]
         self.group.move(tmp, name)
         return self.group[name]
+
+
+def _chunk(size: int, largest: int, smallest: int) -> int:
+    """A chunk length: the power of two that holds ``size``, within [smallest, largest]."""
+    return max(smallest, min(largest, 1 << max(0, size - 1).bit_length()))
 
 
 def _round_width(width: int) -> int:
@@ -399,7 +409,7 @@ class _GroupWriter:
         # Per added block: [rows, its columns (None while the worker parses them), worker ticket,
         # where its lines start in /<group>/jsonl, its seqs].
         self.entries: List[List[Any]] = []
-        self.series: Dict[Tuple[str, str], _Series] = {}
+        self.series: Dict[Tuple[str, str, str], _Series] = {}
 
     def _app(self) -> _Appender:
         if self.appender is None:
@@ -493,21 +503,34 @@ class _GroupWriter:
                         _flatten(sample, "", gpus.setdefault(gpu, {}))
                 elif key not in _TIME_KEYS:
                     _flatten(value, key, flat)
-            self._series(node or "unknown", "").add(stamp, flat)
+            node = node or "unknown"
+            kind = record.get("kind")
+            if kind == "gpu":  # one flat sample of one GPU (daemon, per-process capture)
+                gpu = _text(_first(record, _GPU_ID_KEYS)) or "unknown"
+                self._series(node, "gpus", gpu, record).add(stamp, flat)
+            elif kind == "process":
+                self._series(node, "processes", _text(record.get("pid")) or "unknown", record).add(stamp, flat)
+            else:
+                self._series(node).add(stamp, flat)
             for gpu, sample in gpus.items():
-                self._series(node or "unknown", gpu).add(stamp, sample)
+                self._series(node, "gpus", gpu).add(stamp, sample)
         return {"node_name": _text_column(np, nodes), "timestamp": np.array(stamps, dtype=np.float64)}
 
-    def _series(self, node: str, gpu: str) -> _Series:
-        key = (node, gpu)
+    def _series(self, node: str, kind: str = "", member: str = "", record: Optional[dict] = None) -> _Series:
+        """The series of a node, or of one of its GPUs or processes (``kind`` "gpus"/"processes")."""
+        key = (node, kind, member)
         series = self.series.get(key)
         if series is None:
             nodes = self.parent.require_group("telemetry").require_group("nodes")
             group = nodes.require_group(_h5name(node))
             group.attrs["node_name"] = node
-            if gpu:
-                group = group.require_group("gpus").require_group(_h5name(gpu))
-                group.attrs["gpu"] = gpu
+            if kind:
+                group = group.require_group(kind).require_group(_h5name(member))
+                group.attrs["gpu" if kind == "gpus" else "pid"] = member
+                for name in _MEMBER_ATTRS:  # what identifies it, for a reader without the records
+                    value = (record or {}).get(name)
+                    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                        group.attrs[name] = value
             series = self.series[key] = _Series(_Appender(group, self.np, self.h5py))
         return series
 

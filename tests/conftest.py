@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -110,3 +111,17 @@ def ns_cluster():
         yield cluster
     finally:
         cluster.down()
+
+
+@functools.lru_cache(maxsize=1)
+def real_nvidia_gpus() -> int:
+    """How many NVIDIA devices the real nvidia-ml-py sees here (0 on the usual, GPU-less runners)."""
+    from flowcept.telemetry.nvidia import NvmlState
+
+    state = NvmlState()
+    return len(state.devices) if state.ensure() else 0
+
+
+def no_real_gpu(test):
+    """Skip a test of the GPU-less behaviour where a real GPU is visible (a GPU machine)."""
+    return pytest.mark.skipif(real_nvidia_gpus() > 0, reason="checks behaviour without a GPU; one is present")(test)

@@ -167,3 +167,34 @@ def test_consolidation_setting_turns_the_worker_off(flowcept_tmp: Path, monkeypa
     monkeypatch.setenv("FLOWCEPT_PROJECT_HDF5_PARSE_WORKER", "maybe")
     with pytest.raises(ValueError, match="project.hdf5_parse_worker"):
         consolidate(str(flowcept_tmp / "flowcept_buffer.jsonl"), "w", output_format="hdf5", cleanup_files=False)
+
+
+def test_node_process_and_gpu_samples_get_their_own_series(tmp_path: Path) -> None:
+    """The node sampler's flat records (kind node/process/gpu) land in separate series groups."""
+    from fakes.fake_pynvml import FakeGpu, make_nvml
+
+    from flowcept.telemetry.node import NodeSampler
+
+    uuids = ["GPU-11111111-aaaa-bbbb-cccc-000000000000", "GPU-22222222-aaaa-bbbb-cccc-111111111111"]
+    sampler = NodeSampler(gpu=True, pids_provider=lambda: {os.getpid(): 3}, hostname="nodeA",
+                          nvml=make_nvml([FakeGpu(uuid) for uuid in uuids]))
+    try:
+        records = [record for _ in range(3) for record in sampler.sample()]
+    finally:
+        sampler.close()
+    assert {r["kind"] for r in records} == {"node", "process", "gpu"}
+    path = str(tmp_path / "t.h5")
+    write_hdf5(path, _lines(records))
+    assert read_hdf5(path) == records
+    with h5py.File(path, "r") as handle:
+        node = handle["telemetry/nodes/nodeA"]
+        assert node["timestamp"].shape == (3,) and not any(name.startswith("gpu_") for name in node)
+        assert sorted(node["gpus"]) == uuids
+        for uuid in uuids:
+            gpu = node["gpus"][uuid]
+            assert gpu.attrs["gpu_uuid"] == uuid and gpu.attrs["gpu_name"] == "NVIDIA Fake A100"
+            assert list(gpu["gpu_memory_total_bytes"][:]) == [40.0 * 2**30] * 3
+            assert gpu["timestamp"].shape == (3,)
+        process = node["processes"][str(os.getpid())]
+        assert process.attrs["pid"] == os.getpid() and process.attrs["rank"] == 3
+        assert process["timestamp"].shape == (3,) and not any(name.startswith("gpu_") for name in process)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import no_real_gpu
 from fakes import fake_pynvml as fnv
 from fakes.fake_amdsmi import FakeAmdGpu, make_amdsmi
 from fakes.fake_pynvml import FakeGpu, make_nvml
@@ -211,6 +212,7 @@ def test_device_count_failure_is_a_state():
     assert s.sample() == [] and s.status == "error"
 
 
+@no_real_gpu
 def test_real_nvidia_ml_py_without_gpu_is_a_state():
     import pynvml  # installed as a test dependency; this machine has no NVIDIA driver
 

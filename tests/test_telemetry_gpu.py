@@ -297,3 +297,25 @@ def test_gpu_sampler_uses_whichever_vendor_has_devices():
     assert g.status == {"nvidia": "no_driver", "amd": "ok"}
     assert [r["gpu_vendor"] for r in g.sample()] == ["amd"] * 3
     assert len(g.inventory()) == 3 and g.inventory()[0]["gpu_driver_version"] == "6.8.5"
+
+
+def test_slow_energy_reads_are_throttled_fast_ones_are_not():
+    import time
+
+    fast = FakeGpu(UUID0)
+    s = sampler(make_nvml([fast]))
+    records = [s.sample()[0] for _ in range(3)]
+    assert fast.calls["nvmlDeviceGetTotalEnergyConsumption"] == 3  # read every sample
+    assert all("gpu_energy_age_s" not in r for r in records)
+    slow = FakeGpu(UUID1, energy_delay_s=0.002)
+    s = sampler(make_nvml([slow]), energy_refresh_s=0.05)
+    first, second = s.sample()[0], s.sample()[0]
+    assert slow.calls["nvmlDeviceGetTotalEnergyConsumption"] == 1
+    assert "gpu_energy_age_s" not in first and first["gpu_energy_joules"] == pytest.approx(987654.321)
+    assert second["gpu_energy_joules"] == first["gpu_energy_joules"] and 0 <= second["gpu_energy_age_s"] < 0.05
+    slow.energy_mj += 5000
+    deadline = time.monotonic() + 5
+    while "gpu_energy_age_s" in (fresh := s.sample()[0]) and time.monotonic() < deadline:
+        pass
+    assert slow.calls["nvmlDeviceGetTotalEnergyConsumption"] == 2  # due again after energy_refresh_s
+    assert fresh["gpu_energy_joules"] == pytest.approx(987659.321)

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from flowcept.telemetry._guard import FieldGuard
 
 logger = logging.getLogger("flowcept.telemetry")
+
+#: An energy read slower than this is made at most every ENERGY_REFRESH_S (see _add_energy).
+SLOW_ENERGY_READ_S = 0.0005
+ENERGY_REFRESH_S = 10.0
 
 #: Metric groups the ``telemetry_capture.gpu`` setting can select (plus identity, always on).
 METRIC_GROUPS = ("utilization", "memory", "temperature", "power", "energy", "clocks", "processes")
@@ -228,9 +233,13 @@ class NvidiaSampler:
     vendor = "nvidia"
 
     def __init__(self, backend: Any = None, metrics: Optional[Iterable[str]] = None,
-                 visible_devices: Optional[str] = "env", state: Optional[NvmlState] = None):
+                 visible_devices: Optional[str] = "env", state: Optional[NvmlState] = None,
+                 energy_refresh_s: float = ENERGY_REFRESH_S, clock: Callable[[], float] = time.monotonic):
         self.state = state or NvmlState(backend, visible_devices)
         self.metrics = metric_groups(metrics)
+        self.energy_refresh_s = energy_refresh_s
+        self._clock = clock
+        self._energy: Dict[Optional[str], tuple] = {}  # uuid -> (joules, read at, read was slow)
 
     @property
     def status(self) -> str:
@@ -279,8 +288,7 @@ class NvidiaSampler:
                 milliwatts = call("power", nv.nvmlDeviceGetPowerUsage, h)
                 rec["gpu_power_watts"] = None if milliwatts is None else milliwatts / 1000.0
             if "energy" in wanted:
-                millijoules = call("energy", nv.nvmlDeviceGetTotalEnergyConsumption, h)
-                rec["gpu_energy_joules"] = None if millijoules is None else millijoules / 1000.0
+                self._add_energy(rec, dev, call)
             if "clocks" in wanted:
                 rec["gpu_sm_clock_mhz"] = call("sm_clock", nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_SM)
                 rec["gpu_memory_clock_mhz"] = call("memory_clock", nv.nvmlDeviceGetClockInfo, h,
@@ -294,6 +302,26 @@ class NvidiaSampler:
                     for p in procs if pid_set is None or p.pid in pid_set]
             records.append(rec)
         return records
+
+    def _add_energy(self, rec: Dict[str, Any], dev: GpuDevice, call: Callable[..., Any]) -> None:
+        """The energy counter; where reading it is slow, read at most every ``energy_refresh_s``.
+
+        On some systems (a virtualised H200 here) one nvmlDeviceGetTotalEnergyConsumption costs
+        ~3.5 ms of CPU, 40x every other query together. There the last value is reported with
+        ``gpu_energy_age_s`` (seconds since it was read) until it is due again; a fast read is
+        made every sample and carries no age.
+        """
+        now = self._clock()
+        last = self._energy.get(dev.uuid)
+        if last is not None and last[2] and now - last[1] < self.energy_refresh_s:
+            rec["gpu_energy_joules"] = last[0]
+            rec["gpu_energy_age_s"] = round(now - last[1], 3)
+            return
+        millijoules = call("energy", self.state.backend.nvmlDeviceGetTotalEnergyConsumption, dev.handle)
+        joules = None if millijoules is None else millijoules / 1000.0
+        after = self._clock()
+        self._energy[dev.uuid] = (joules, after, after - now > SLOW_ENERGY_READ_S)
+        rec["gpu_energy_joules"] = joules
 
     def close(self) -> None:
         """Release NVML (the sampler can be used again: it re-initialises)."""

@@ -8,6 +8,7 @@ Constant values are the real ones (a test compares them with the installed nvidi
 
 from __future__ import annotations
 
+import time
 import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
@@ -101,6 +102,7 @@ class FakeGpu:
     temperature: int = 55
     power_mw: int = 123456
     energy_mj: int = 987654321
+    energy_delay_s: float = 0.0  # a slow energy query, as some drivers have (the call really takes this long)
     clocks: Dict[int, int] = field(default_factory=lambda: {0: 1410, 1: 1410, 2: 1215})
     processes: List[Tuple[int, Optional[int]]] = field(default_factory=list)
     fail: Dict[str, int] = field(default_factory=dict)
@@ -228,6 +230,8 @@ def make_nvml(gpus: List[FakeGpu], init_error: Optional[int] = None, driver_vers
 
     @device_call("nvmlDeviceGetTotalEnergyConsumption")
     def _energy(h):
+        if h.gpu.energy_delay_s:
+            time.sleep(h.gpu.energy_delay_s)  # the device's own slowness, not synchronisation
         return h.gpu.energy_mj
 
     @device_call("nvmlDeviceGetClockInfo")

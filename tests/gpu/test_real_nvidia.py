@@ -141,7 +141,7 @@ def torch_load() -> Dict[str, object]:
     """Sample before, during (~1.5 s of matmuls with 2 GiB held) and after a load on cuda:0."""
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch is not installed")
-    sampler = NvidiaSampler()
+    sampler = NvidiaSampler(energy_refresh_s=0.0)  # a fresh energy read every sample, even where slow
     before = sampler.sample()
     import torch
 

@@ -115,6 +115,7 @@ class Pipeline:
         self.producers: Tuple[Any, ...] = ()
         self.chunks: Dict[Optional[str], List[Tuple[bytes, int]]] = {}
         self.view = RecordView(view_cap)
+        self.workflow_records: Dict[Optional[str], int] = {}  # workflow records queued, per workflow
         self.records_serialized = 0
         self.flush_errors = 0
         self._drain_lock = threading.RLock()
@@ -150,9 +151,12 @@ class Pipeline:
         else:
             if len(line) > serialization.max_value_bytes:
                 line = serialization.dumps_line(record)
-        lines = self.lists.get(record.get("workflow_id"))
+        workflow_id = record.get("workflow_id")
+        if record.get("type") == "workflow":
+            self.workflow_records[workflow_id] = self.workflow_records.get(workflow_id, 0) + 1
+        lines = self.lists.get(workflow_id)
         if lines is None:
-            lines = self.lines_for(record.get("workflow_id"))
+            lines = self.lines_for(workflow_id)
         lines.append(line)
         if not len(lines) % self.flush_size:
             self.full(lines)
@@ -186,7 +190,20 @@ class Pipeline:
 
     def append_line(self, workflow_id: Optional[str], line: bytes) -> None:
         """Queue an already serialised JSON line (ending in a newline)."""
+        if line.startswith(b'{"type":"workflow"'):
+            self.workflow_records[workflow_id] = self.workflow_records.get(workflow_id, 0) + 1
         self.lines_for(workflow_id).append(line)
+
+    def known_file(self, workflow_id: Optional[str]) -> Optional[Tuple[str, int, int]]:
+        """(path, bytes, lines) of the workflow's file, when this process wrote all of it; else None.
+
+        Only with one workflow record queued (its start line): the in-place merge at stop()
+        needs no other. Call after a drain.
+        """
+        written = getattr(self.transport, "written", None)
+        if written is None or self.workflow_records.get(workflow_id) != 1:
+            return None
+        return written(workflow_id)
 
     def add_producer(self, producer: Any) -> None:
         """Have every drain collect ``producer``'s records (see ``producers``)."""

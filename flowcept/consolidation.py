@@ -765,8 +765,12 @@ def workflow_start_line(record: dict) -> bytes:
 
 
 def _merge_in_place(source: str, output: str, workflow_id: str, update: Optional[dict],
-                    report: MergeReport) -> bool:
-    """The single-source fast path: update the padded first line, rename. False if it does not apply."""
+                    report: MergeReport, known: Optional[Tuple[int, int]] = None) -> bool:
+    """The single-source fast path: update the padded first line, rename. False if it does not apply.
+
+    ``known`` (bytes, lines): the writer vouches that the file holds exactly that, written by
+    it as whole lines with one workflow record: when the size still matches, no read-back.
+    """
     try:
         with open(source, "r+b") as handle:
             first = handle.readline(1 << 20)
@@ -777,7 +781,10 @@ def _merge_in_place(source: str, output: str, workflow_id: str, update: Optional
                 return False
             lines = 1
             tail = b"\n"
-            while True:
+            trusted = known is not None and os.fstat(handle.fileno()).st_size == known[0]
+            if trusted:
+                lines = known[1]
+            while not trusted:
                 block = handle.read(_BLOCK_BYTES)
                 if not block:
                     break
@@ -805,13 +812,15 @@ def _merge_in_place(source: str, output: str, workflow_id: str, update: Optional
 def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", cleanup_files: bool = True,
                 order_by_time: bool = False, progress: Optional[Callable[[int], None]] = None,
                 extra_sources: Optional[List[str]] = None, workflow_update: Optional[dict] = None,
-                parse_worker: Optional[bool] = None) -> MergeReport:
+                parse_worker: Optional[bool] = None,
+                known_files: Optional[Dict[str, Tuple[int, int]]] = None) -> MergeReport:
     """Merge every source of ``workflow_id`` into one file; idempotent; returns a report.
 
     ``progress`` is called with the number of input bytes consumed (a progress bar's update).
     ``order_by_time`` sorts by ``started_at``/``timestamp``; it holds the records in memory.
     ``parse_worker``: HDF5 output may parse task columns in a helper process (default: the
-    ``project.hdf5_parse_worker`` setting).
+    ``project.hdf5_parse_worker`` setting). ``known_files``: path -> (bytes, lines) of files
+    their writer vouches for (see :func:`_merge_in_place`).
     """
     if not workflow_id:
         raise ValueError("consolidation needs a workflow_id")
@@ -835,7 +844,8 @@ def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", 
         report.sources = list(sources)
         if (output_format == "jsonl" and cleanup_files and not order_by_time and len(sources) == 1
                 and sources[0] != output and _is_unlocked(sources[0])
-                and _merge_in_place(sources[0], output, workflow_id, workflow_update, report)):
+                and _merge_in_place(sources[0], output, workflow_id, workflow_update, report,
+                                    (known_files or {}).get(sources[0]))):
             report.elapsed_s = time.perf_counter() - began
             return report
         merger = _Merger(workflow_id, report, progress)

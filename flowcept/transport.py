@@ -114,6 +114,7 @@ class FileTransport:
         self.pid = os.getpid()
         self._fds: Dict[Optional[str], int] = {}
         self._paths: Dict[Optional[str], str] = {}
+        self._known: Dict[Optional[str], Optional[List[int]]] = {}  # workflow -> [bytes, lines] we wrote
         self._pending: List[Tuple[Optional[str], bytes, int]] = []  # payloads a failed write kept
         self._pending_bytes = 0
         self._lock = threading.RLock()
@@ -146,20 +147,40 @@ class FileTransport:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o644)
             hold_writer_lock(fd)
             self._fds[workflow_id] = fd
+            size = os.fstat(fd).st_size
+            known = self._known.get(workflow_id)
+            # What this transport wrote is all the file holds: from empty, or where it left off.
+            self._known[workflow_id] = [0, 0] if size == 0 else (known if known and known[0] == size else None)
         return fd
 
-    def _write(self, workflow_id: Optional[str], payload: bytes) -> None:
+    def _write(self, workflow_id: Optional[str], payload: bytes, count: int) -> None:
         """Append the whole batch or nothing (consolidation assumes no line twice in one file)."""
         append_whole(self._fd(workflow_id), (payload,), self.path_for(workflow_id))
         self._unsynced_bytes += len(payload)
         self._unsynced.add(workflow_id)
+        known = self._known.get(workflow_id)
+        if known is not None:
+            known[0] += len(payload)
+            known[1] += count
+
+    def written(self, workflow_id: Optional[str]) -> Optional[Tuple[str, int, int]]:
+        """(path, bytes, lines) when this transport wrote every byte of the workflow's file, else None.
+
+        Lets stop() trust the file without reading it back (consolidation checks the size is
+        still that). None while a batch waits for a retry, or when the file held data before.
+        """
+        with self._lock:
+            known = self._known.get(workflow_id)
+            if known is None or any(w == workflow_id for w, _, _ in self._pending):
+                return None
+            return self.path_for(workflow_id), known[0], known[1]
 
     def send(self, workflow_id: Optional[str], payload: bytes, count: int) -> None:
         with self._lock:
             if self._pending:
                 self._retry_pending()
             try:
-                self._write(workflow_id, payload)
+                self._write(workflow_id, payload, count)
             except OSError as error:
                 self._keep(workflow_id, payload, count, error)
                 return
@@ -191,7 +212,7 @@ class FileTransport:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         for index, (workflow_id, payload, count) in enumerate(pending):
             try:
-                self._write(workflow_id, payload)
+                self._write(workflow_id, payload, count)
             except OSError:
                 self._pending = pending[index:]
                 self._pending_bytes = sum(len(p) for _, p, _ in self._pending)

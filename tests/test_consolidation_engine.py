@@ -147,3 +147,50 @@ def test_seen_ids_cost_about_one_byte_per_record() -> None:
     assert keep == [False, True, False]
     assert seen.add_key(b"t" + prefixes[1] + b".8") is False
     assert seen.add_key(b"tuser-id") is True and seen.add_key(b"tuser-id") is False
+
+
+def _own_file(directory: Path, tasks: int) -> Path:
+    """A per-process file as one process writes it: the padded start line, then its tasks."""
+    from flowcept.consolidation import workflow_start_line
+
+    path = directory / "flowcept_buffer_wfk_h_1.jsonl"
+    lines = [workflow_start_line({"type": "workflow", "workflow_id": "wfk", "name": "k"})]
+    lines += [orjson.dumps({"type": "task", "task_id": f"00000000000000aa.{i}", "workflow_id": "wfk"}) + b"\n"
+              for i in range(tasks)]
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def test_a_file_its_writer_vouches_for_is_not_read_back(flowcept_tmp: Path) -> None:
+    path = _own_file(flowcept_tmp, 5)
+    report = consolidate(str(flowcept_tmp / "flowcept_buffer.jsonl"), "wfk", known_files={
+        str(path): (path.stat().st_size, 6)}, workflow_update={"type": "workflow", "workflow_id": "wfk",
+                                                               "status": "FINISHED"})
+    assert report.records_in == report.records_out == 6 and not path.exists()
+    records = read_records(report.output_path)
+    assert records[0]["status"] == "FINISHED" and len(records) == 6
+
+
+def test_a_vouched_file_that_changed_since_is_read_back(flowcept_tmp: Path) -> None:
+    """Someone appended a torn line after the writer's count: the size differs, the scan runs."""
+    path = _own_file(flowcept_tmp, 5)
+    size = path.stat().st_size
+    with open(path, "ab") as handle:
+        handle.write(b'{"type":"task","task_id":"00000000000000aa.9","workf')
+    report = consolidate(str(flowcept_tmp / "flowcept_buffer.jsonl"), "wfk", known_files={str(path): (size, 6)})
+    records = read_records(report.output_path)
+    assert [r["task_id"] for r in records if r["type"] == "task"] == [f"00000000000000aa.{i}" for i in range(5)]
+    assert len(report.bad_lines) == 1  # the torn line, found because the file was read
+
+
+def test_transport_vouches_only_for_what_it_wrote(tmp_path: Path) -> None:
+    from flowcept.transport import FileTransport
+
+    transport = FileTransport(str(tmp_path / "flowcept_buffer.jsonl"), "h")
+    transport.send("w1", b'{"a":1}\n{"a":2}\n', 2)
+    path, size, lines = transport.written("w1")
+    assert (size, lines) == (os.path.getsize(path), 2)
+    Path(transport.path_for("w2")).write_bytes(b'{"old":1}\n')  # there before this writer
+    transport.send("w2", b'{"a":3}\n', 1)
+    assert transport.written("w2") is None
+    transport.close()

@@ -355,9 +355,11 @@ class Flowcept:
             # rank's file is still locked by its writer, so it is kept for a later consolidation.
             logger.warning("consolidating workflow %s without every rank", self.current_workflow_id)
         try:
+            known = pipeline.known_file(self.current_workflow_id)  # our file, as we wrote it: not read back
             report = consolidate(settings["project.dump_buffer.path"], self.current_workflow_id,
                                  output_format=settings["project.output_format"],
-                                 cleanup_files=settings["project.cleanup_files"], workflow_update=workflow_end)
+                                 cleanup_files=settings["project.cleanup_files"], workflow_update=workflow_end,
+                                 known_files={known[0]: known[1:]} if known else None)
             self.last_consolidation = report
             self.output_path = report.output_path
             path_for = getattr(pipeline.transport, "path_for", None)

@@ -328,7 +328,7 @@ class _IterationBatch:
                             "ended_at": ended_at}, self.suffix, self.rest)
 
 
-_CHUNK = 4096  # iterations per chunk: the pipeline's write size
+_CHUNK = 512  # iterations per chunk: ~230 KB joined; 4096 (1.8 MB) measured ~10% slower per iteration
 
 
 def _closed_by_exception(generator_ref: Any) -> bool:

@@ -22,7 +22,7 @@ size of the workflow. Where the time goes, and what was done about it (~3.8 -> ~
 a variable-length string per record costs HDF5 a heap object (~0.5 us), so the records are one
 JSONL text per group (a memory copy) and the filter columns fixed-length strings; parsing the
 columns is most of the rest, so it decodes only those fields of a whole block in one msgspec
-call, and a large merge hands blocks to a helper process (:class:`_ColumnWorkers`) that parses
+call, and a large merge hands blocks to a helper process (:class:`_ColumnWorker`) that parses
 them on a second core. The file is written to a temporary name and renamed. h5py, numpy and
 msgspec are imported here only, never by ``import flowcept``.
 """
@@ -196,7 +196,7 @@ class _Ticket:
         self.columns: Optional[Dict[str, Any]] = None
 
 
-class _ColumnWorkers:
+class _ColumnWorker:
     """A helper process that computes the task columns of blocks while this one writes.
 
     Parsing the filter columns is most of an HDF5 consolidation's CPU time; on two cores a
@@ -398,12 +398,12 @@ def _column_worker_main(memory: int, length: int) -> None:
 class _GroupWriter:
     """One group: JSONL text written as blocks arrive; seqs, offsets, columns in whole chunks."""
 
-    def __init__(self, name: str, parent: Any, np: Any, h5py: Any, worker: Optional[_ColumnWorkers] = None):
+    def __init__(self, name: str, parent: Any, np: Any, h5py: Any, worker: Optional[_ColumnWorker] = None):
         self.name = name
         self.parent = parent
         self.np = np
         self.h5py = h5py
-        self.workers = worker
+        self.worker = worker
         self.appender: Optional[_Appender] = None
         self.rows = 0  # rows whose columns are buffered, not yet written
         # Per added block: [rows, its columns (None while the worker parses them), worker ticket,
@@ -428,7 +428,7 @@ class _GroupWriter:
         start = self._app().append_bytes("jsonl", np.frombuffer(block, dtype=np.uint8))
         entry: List[Any] = [rows, None, None, starts + start, seqs]
         if self.name == "tasks":
-            ticket = self.workers.submit(block, len(block)) if records is None and self.workers else None
+            ticket = self.worker.submit(block, len(block)) if records is None and self.worker else None
             if ticket is None:
                 self._resolve(entry, task_columns(np, block, records))
             else:
@@ -451,9 +451,9 @@ class _GroupWriter:
         rows = 0
         for entry in self.entries:
             if entry[1] is None:
-                columns = self.workers.result(entry[2], wait) if self.workers else None
+                columns = self.worker.result(entry[2], wait) if self.worker else None
                 if columns is None:
-                    if self.workers and not wait:
+                    if self.worker and not wait:
                         break  # still being parsed there
                     columns = task_columns(self.np, entry[2].block)  # the worker failed
                 self._resolve(entry, columns)
@@ -771,9 +771,9 @@ class Hdf5Writer:
         self.workflow_id = workflow_id
         self.tmp = f"{path}.{os.getpid()}.tmp"
         self.count = 0
-        self.workers = _ColumnWorkers(worker_after) if parse_worker else None
+        self.worker = _ColumnWorker(worker_after) if parse_worker else None
         self.handle = self.h5py.File(self.tmp, "w")
-        self.writers = {name: _GroupWriter(name, self.handle, np, self.h5py, self.workers if name == "tasks" else None)
+        self.writers = {name: _GroupWriter(name, self.handle, np, self.h5py, self.worker if name == "tasks" else None)
                         for name in GROUPS}
 
     def add_block(self, block: bytes, count: int = -1, parsed: Optional[Sequence[Optional[dict]]] = None) -> None:
@@ -830,14 +830,14 @@ class Hdf5Writer:
             self.abort()
             raise
         finally:
-            if self.workers is not None:
-                self.workers.close()
+            if self.worker is not None:
+                self.worker.close()
         return self.count
 
     def abort(self) -> None:
         """Drop the temporary file (an error, or the writer is given up)."""
-        if self.workers is not None:
-            self.workers.close()
+        if self.worker is not None:
+            self.worker.close()
         try:
             self.handle.close()
         except Exception:  # noqa: BLE001  (closing a broken file may fail: it is removed anyway)

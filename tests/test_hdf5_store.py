@@ -110,8 +110,8 @@ def _write_blocks(path: Path, blocks, **writer_args):
     writer = Hdf5Writer(str(path), "w", **writer_args)
     for number, block in enumerate(blocks):
         writer.add_block(block)
-        if number == 0 and writer.workers is not None:  # the first block started it
-            assert writer.workers.wait_ready(30.0)
+        if number == 0 and writer.worker is not None:  # the first block started it
+            assert writer.worker.wait_ready(30.0)
     return writer
 
 
@@ -124,14 +124,14 @@ def test_column_worker_gives_the_same_file(tmp_path: Path) -> None:
     """A real helper process parses blocks; its file equals the one written in one process."""
     blocks = [_task_block(start, 3000) for start in range(0, 30000, 3000)]
     alone = _write_blocks(tmp_path / "alone.h5", blocks)
-    assert alone.workers is None
+    assert alone.worker is None
     alone.close()
     helped = _write_blocks(tmp_path / "helped.h5", blocks, parse_worker=True, worker_after=0)
-    workers = helped.workers
-    assert workers.handed >= 3  # it took blocks (one at a time is parsed here when it is busy)
-    pid = workers.proc.pid
+    worker = helped.worker
+    assert worker.handed >= 3  # it took blocks (one at a time is parsed here when it is busy)
+    pid = worker.proc.pid
     helped.close()
-    assert workers.proc is None and not os.path.exists(f"/proc/{pid}")  # ended and reaped
+    assert worker.proc is None and not os.path.exists(f"/proc/{pid}")  # ended and reaped
     assert read_hdf5(str(tmp_path / "helped.h5")) == read_hdf5(str(tmp_path / "alone.h5"))
     assert _columns_of(tmp_path / "helped.h5") == _columns_of(tmp_path / "alone.h5")
     frame = tasks_dataframe(str(tmp_path / "helped.h5"))
@@ -145,11 +145,11 @@ def test_column_worker_killed_loses_nothing(tmp_path: Path) -> None:
 
     blocks = [_task_block(start, 2000) for start in range(0, 40000, 2000)]
     writer = _write_blocks(tmp_path / "out.h5", blocks[:6], parse_worker=True, worker_after=0)
-    assert writer.workers.handed >= 1
-    os.kill(writer.workers.proc.pid, signal.SIGKILL)
+    assert writer.worker.handed >= 1
+    os.kill(writer.worker.proc.pid, signal.SIGKILL)
     for block in blocks[6:]:
         writer.add_block(block)
-    assert not writer.workers  # given up, with a warning
+    assert not writer.worker  # given up, with a warning
     assert writer.close() == 40000
     ids = [f"00000000000000cd.{i}" for i in range(40000)]
     assert [r["task_id"] for r in read_hdf5(str(tmp_path / "out.h5"))] == ids

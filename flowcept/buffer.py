@@ -98,7 +98,7 @@ class Pipeline:
     """Process-wide buffer + flusher + transport. Use :func:`get_pipeline`."""
 
     def __init__(self, transport: Any, flush_interval_s: float = 0.5, flush_size: int = 2000,
-                 max_pending: int = 200000, view_cap: int = 100000):
+                 max_pending: int = 200000, view_cap: int = 10000):
         self.transport = transport
         self.flush_interval_s = flush_interval_s
         self.flush_size = max(1, flush_size)
@@ -183,7 +183,11 @@ class Pipeline:
         Capture calls this when ``len(lines) % flush_size == 0`` only: once per batch, not on
         every append until the flusher gets the GIL (Event.set() takes a lock, ~1 µs).
         """
-        if len(lines) >= self.max_pending:
+        self.ready(len(lines))
+
+    def ready(self, pending: int) -> None:
+        """``pending`` records wait (in a list or a producer): wake the flusher, or drain here past max_pending."""
+        if pending >= self.max_pending:
             self.drain()  # back-pressure: bounded memory, nothing dropped
         else:
             self._wake.set()

@@ -56,8 +56,9 @@ KEYS: Tuple[Key, ...] = (
         "Bound on records waiting in memory; past it the capturing thread writes them itself."),
     Key("project.dump_buffer.fsync", "stop", "choice:never|stop|flush",
         "When per-process files are fsynced: never, at stop()/exit, or after every flush."),
-    Key("project.buffer_view_max_records", 100000, "int",
-        "Records kept in memory for get_buffer(); past it get_buffer() reads this run's files."),
+    Key("project.buffer_view_max_records", 10000, "int",
+        "Records kept in memory for get_buffer() (~450 bytes each); past it get_buffer() reads the "
+        "workflow's files."),
     Key("project.consolidate_on_stop", True, "bool",
         "stop() (rank 0 under MPI) merges the workflow's files into one output."),
     Key("project.output_format", "jsonl", "choice:jsonl|hdf5",

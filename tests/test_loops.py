@@ -233,3 +233,25 @@ def test_workflow_line_stays_first_while_iterations_are_batched(monkeypatch):
             assert handle.readline().startswith(b'{"type":"workflow"')
     loops, iterations = split(Flowcept.read_buffer_file(fc.output_path), "first")
     assert sorted(r["used"]["i"] for r in iterations) == list(range(200)) and len(loops) == 1
+
+
+def test_chunks_built_in_the_loop_and_taken_by_drains_keep_every_iteration_in_order(monkeypatch):
+    """Past _CHUNK iterations the loop builds JSONL itself while drains take from the same batch."""
+    from flowcept.buffer import get_pipeline
+    from flowcept.instrumentation.flowcept_loop import _CHUNK
+
+    monkeypatch.setenv("FLOWCEPT_PROJECT_DUMP_BUFFER_FLUSH_SIZE", "300")
+    total = 3 * _CHUNK + 77
+    items = [[i] if i % 997 == 0 else i for i in range(total)]  # a few serialised at once, in between
+    with Flowcept(workflow_id="built_chunks") as fc:
+        for i, item in enumerate(FlowceptLoop(items, loop_name="built")):
+            if i in (_CHUNK - 1, _CHUNK + 5, 2 * _CHUNK + 300):
+                get_pipeline().drain()  # a drain between, right before and after a build
+            if i == 3 * _CHUNK + 50:
+                break
+    loops, iterations = split(Flowcept.read_buffer_file(fc.output_path), "built")
+    assert [r["used"]["i"] for r in iterations] == list(range(3 * _CHUNK + 51))
+    assert [r["used"]["item"] for r in iterations] == items[:3 * _CHUNK + 51]
+    assert iterations[-1]["custom_metadata"] == {"interrupted": True}
+    assert loops[0]["generated"]["iterations"] == 3 * _CHUNK + 51
+    assert all(a["ended_at"] == b["started_at"] for a, b in zip(iterations, iterations[1:]))

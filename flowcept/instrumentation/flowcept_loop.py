@@ -23,6 +23,7 @@ the signal handlers' flushes reach them as they reach everything else.
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 from collections.abc import Iterator
 from time import time
@@ -171,8 +172,13 @@ class FlowceptLoop:
                         if generated is not None:
                             done["generated"] = generated
                         put(splice_line(done, suffix, rest))
-                    if not len(entries) % flush_size:
-                        pipeline.full(entries)
+                    if not len(entries) % _CHUNK:
+                        # Turned into JSONL here, not in the flusher: the GIL makes it the same
+                        # CPU either way, and here its memory is this thread's, reused chunk
+                        # after chunk (a buffer the flusher thread allocates is fresh pages).
+                        waiting = batch.build()
+                        if waiting >= flush_size:
+                            pipeline.ready(waiting)
                     started_at = ended_at
                     current_n = None
                     index += 1
@@ -248,17 +254,22 @@ class _IterationBatch:
 
     Entries are ``(id number, started_at, index, item, ended_at)`` (the order of the fields
     in the line) with an immutable scalar item, or a line already serialised (an iteration
-    the tuple form cannot hold). The loop appends (atomic under the GIL); ``take()`` runs
-    under the pipeline's drain lock and returns ``(workflow id, [(JSONL chunk, lines), ...])``.
+    the tuple form cannot hold). The loop appends (atomic under the GIL) and every _CHUNK
+    iterations ``build()``s a chunk itself; ``take()`` runs under the pipeline's drain lock and
+    returns ``(workflow id, [(JSONL chunk, lines), ...])``: the chunks built, then the rest.
     A run of tuples becomes one chunk with one orjson call per column and one join: the
     bytes the per-iteration path gives (same fields, order and number formatting).
     """
 
-    __slots__ = ("workflow_id", "entries", "constants", "prefix", "item_name", "suffix", "rest")
+    __slots__ = ("workflow_id", "entries", "built", "built_lines", "lock", "constants", "prefix", "item_name",
+                 "suffix", "rest")
 
     def __init__(self, workflow_id: Optional[str], prefix: str, item_name: str, suffix: bytes, rest: dict):
         self.workflow_id = workflow_id
         self.entries: list = []
+        self.built: List[Tuple[bytes, int]] = []  # chunks build() made, waiting for take()
+        self.built_lines = 0
+        self.lock = threading.Lock()  # build() (the loop's thread) against take() (a drain)
         self.prefix = prefix
         self.item_name = item_name
         self.suffix = suffix
@@ -274,17 +285,34 @@ class _IterationBatch:
         ]
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.entries) + self.built_lines
+
+    def build(self) -> int:
+        """Turn the iterations held so far into a JSONL chunk; returns the lines waiting in chunks."""
+        with self.lock:
+            chunks = self._convert(self._take_entries())
+            self.built.extend(chunks)
+            self.built_lines += sum(count for _, count in chunks)
+            return self.built_lines
 
     def take(self) -> Tuple[Optional[str], List[Tuple[bytes, int]]]:
+        with self.lock:
+            taken = self._take_entries()
+            built, self.built, self.built_lines = self.built, [], 0
+        return self.workflow_id, built + self._convert(taken)
+
+    def _take_entries(self) -> list:
         entries = self.entries
         count = len(entries)
-        if not count:
-            return self.workflow_id, []
         taken = entries[:count]
         del entries[:count]  # iterations appended meanwhile are past `count`: kept
+        return taken
+
+    def _convert(self, taken: list) -> List[Tuple[bytes, int]]:
+        if not taken:
+            return []
         if bytes not in set(map(type, taken)):
-            return self.workflow_id, self._chunks(taken)
+            return self._chunks(taken)
         out: List[Tuple[bytes, int]] = []
         run: list = []
         for entry in taken:
@@ -297,7 +325,7 @@ class _IterationBatch:
                 run.append(entry)
         if run:
             out.extend(self._chunks(run))
-        return self.workflow_id, out
+        return out
 
     def _chunks(self, tuples: list) -> List[Tuple[bytes, int]]:
         return [self._chunk(tuples[start:start + _CHUNK]) for start in range(0, len(tuples), _CHUNK)]

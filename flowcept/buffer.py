@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import orjson
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 # Records per write: one multi-megabyte join+write costs 3x more per record than ~1 MB ones
 # (fresh pages for the joined buffer); measured on the 2-core VM.
 _WRITE_BATCH = 4096
+_INLINE_SLOW_S = 0.005  # a size-triggered flush slower than this goes back to the flusher thread
 
 # The capture fast path leaves out OPT_NON_STR_KEYS (it makes every dict ~25% slower to
 # serialise): a record with a non-string key fails there and takes the safe path
@@ -119,6 +121,12 @@ class Pipeline:
         self.records_serialized = 0
         self.flush_errors = 0
         self._drain_lock = threading.RLock()
+        self.inline = False  # see ready()
+        self.reset_inline()
+        # Threads inside a drain or a producer's build (see _Critical), and a SIGTERM/SIGINT
+        # that arrived meanwhile in such a thread (the main one), acted upon when it is done.
+        self.critical_threads: set = set()
+        self.deferred_signal: Optional[Tuple[int, Any]] = None
         self._lists_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -186,9 +194,27 @@ class Pipeline:
         self.ready(len(lines))
 
     def ready(self, pending: int) -> None:
-        """``pending`` records wait (in a list or a producer): wake the flusher, or drain here past max_pending."""
+        """``pending`` records wait (a list or a producer reached its batch size): flush them.
+
+        Past max_pending, here (back-pressure: bounded memory, nothing dropped). Otherwise here
+        too while the transport says it may and its writes stay fast (a file in the page cache):
+        the GIL makes the work cost the same CPU in either thread, but a batch handled here
+        reuses this thread's memory, where the flusher's batches fault fresh pages in each time
+        (~0.2 us a record on a VM). One slow flush (a congested filesystem) hands the size-
+        triggered flushes back to the flusher for good, so the application never waits on I/O.
+        """
         if pending >= self.max_pending:
-            self.drain()  # back-pressure: bounded memory, nothing dropped
+            self.drain()
+        elif self.inline and self._drain_lock.acquire(blocking=False):
+            try:
+                began = time.monotonic()
+                self.drain()
+                took = time.monotonic() - began
+                if took > _INLINE_SLOW_S:
+                    self.inline = False
+                    logger.debug("a flush took %.1f ms: flushes left to the flusher thread", took * 1e3)
+            finally:
+                self._drain_lock.release()
         else:
             self._wake.set()
 
@@ -266,10 +292,19 @@ class Pipeline:
                 except Exception:
                     logger.exception("flowcept transport background work failed")
 
+    def reset_inline(self) -> None:
+        """Let the capturing thread flush size-triggered batches again, if the transport allows it."""
+        self.inline = bool(getattr(self.transport, "inline_sends", False))
+
+    def build(self, producer: Any) -> int:
+        """Have ``producer`` turn what it holds into JSONL now (``producer.build()``), signal-safe."""
+        with _Critical(self):
+            return producer.build()
+
     def drain(self) -> int:
         """Hand everything queued to the transport; returns the number of records moved."""
         moved = 0
-        with self._drain_lock:
+        with self._drain_lock, _Critical(self):
             for producer in self.producers:
                 self._collect(producer)
             # The lists first: a workflow's file starts with its start line (the in-place
@@ -506,8 +541,45 @@ def install_signal_handlers() -> None:
             pass
 
 
+class _Critical:
+    """A drain or build in progress in this thread: a signal handler must not flush inside it.
+
+    Python runs signal handlers in the main thread between any two bytecodes, also in the
+    middle of a flush the main thread is doing itself (stop(), back-pressure, the inline
+    flushes of ``Pipeline.ready``). Flushing again from there could take records the
+    interrupted flush had taken but not written yet, then end the process: lost. So the
+    handler only notes the signal (``Pipeline.deferred_signal``) and the outermost critical
+    section acts on it as it ends, a few milliseconds later at most.
+    """
+
+    __slots__ = ("pipeline", "outer")
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.outer = False
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        threads = self.pipeline.critical_threads
+        if me not in threads:
+            threads.add(me)
+            self.outer = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.outer:
+            return
+        pipeline = self.pipeline
+        pipeline.critical_threads.discard(threading.get_ident())
+        if pipeline.deferred_signal is not None and threading.current_thread() is threading.main_thread():
+            deferred, pipeline.deferred_signal = pipeline.deferred_signal, None
+            _on_signal(*deferred)
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     pipeline = get_pipeline(create=False)
+    if pipeline is not None and threading.get_ident() in pipeline.critical_threads:
+        pipeline.deferred_signal = (signum, frame)  # acted upon when that flush ends (_Critical)
+        return
     if pipeline is not None:
         pipeline.flush(durable=True)
     previous = _previous_handlers.get(signum, signal.SIG_DFL)

@@ -107,6 +107,8 @@ class Transport(Protocol):
 class FileTransport:
     """Append batches to per-process, per-workflow JSONL files."""
 
+    inline_sends = True  # writes land in the page cache: the capturing thread may flush itself
+
     def __init__(self, base_path: str, hostname: str, fsync: str = "stop"):
         self.base_path = base_path
         self.hostname = hostname

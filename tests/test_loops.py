@@ -244,7 +244,7 @@ def test_chunks_built_in_the_loop_and_taken_by_drains_keep_every_iteration_in_or
     total = 3 * _CHUNK + 77
     items = [[i] if i % 997 == 0 else i for i in range(total)]  # a few serialised at once, in between
     with Flowcept(workflow_id="built_chunks") as fc:
-        for i, item in enumerate(FlowceptLoop(items, loop_name="built")):
+        for i, _item in enumerate(FlowceptLoop(items, loop_name="built")):
             if i in (_CHUNK - 1, _CHUNK + 5, 2 * _CHUNK + 300):
                 get_pipeline().drain()  # a drain between, right before and after a build
             if i == 3 * _CHUNK + 50:

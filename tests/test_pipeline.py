@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import orjson
 import pytest
 from conftest import APPS, app_env, read_lines, tasks_of
 
@@ -158,3 +159,48 @@ def test_background_sync_leaves_the_file_to_consolidation(tmp_path, monkeypatch)
     with open(path, "rb") as handle:  # what consolidation checks before taking a file over
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert handle.read().count(b"\n") == 4
+
+
+def test_capturing_thread_flushes_while_writes_are_fast_and_stops_when_one_is_slow(buffer_base, monkeypatch):
+    """Size-triggered flushes run in the capturing thread while the file takes them at once; a
+    slow write (here a FIFO whose reader takes 20 ms per 64 KiB) hands them back to the flusher."""
+    import threading
+    import time
+
+    from flowcept.buffer import get_pipeline
+    from flowcept.placement import current_placement
+    from flowcept.transport import process_file_path
+
+    monkeypatch.setenv("FLOWCEPT_PROJECT_DUMP_BUFFER_FLUSH_SIZE", "400")
+    monkeypatch.setenv("FLOWCEPT_PROJECT_CONSOLIDATE_ON_STOP", "false")
+    with Flowcept(workflow_id="fastfs") as fast:
+        for i in range(1000):
+            FlowceptTask(activity_id="a", used={"i": i}, generated={"y": i})
+        assert get_pipeline().inline and get_pipeline().pending() < 400  # flushed here, as it went
+    assert len(tasks_of(fast.get_buffer(), "fastfs")) == 1000
+
+    path = process_file_path(buffer_base, "slowfs", current_placement().hostname, os.getpid())
+    os.mkfifo(path)
+    received = bytearray()
+
+    def slow_reader() -> None:  # a device that takes its time: the slowness under test, not a wait
+        with open(path, "rb", buffering=0) as fifo:
+            while chunk := fifo.read(65536):
+                received.extend(chunk)
+                time.sleep(0.02)
+
+    reader = threading.Thread(target=slow_reader, daemon=True)
+    reader.start()
+    flowcept = Flowcept(workflow_id="slowfs").start()
+    try:
+        for i in range(1200):
+            FlowceptTask(activity_id="a", used={"i": i}, generated={"y": i})
+        assert not get_pipeline().inline  # the first slow flush gave them back to the flusher
+    finally:
+        flowcept.stop()
+    reader.join(30)
+    assert not reader.is_alive()
+    with Flowcept(workflow_id="fastagain"):
+        assert get_pipeline().inline  # a new run tries the capturing thread again
+    lines = [orjson.loads(line) for line in bytes(received).splitlines()]
+    assert sorted(r["used"]["i"] for r in lines if r["type"] == "task") == list(range(1200))

@@ -231,7 +231,10 @@ class Flowcept:
         if existing is not None and getattr(existing, "config", None) != config and not Flowcept._active:
             shutdown_pipeline()  # settings changed between runs: new files, new daemon address
         set_pipeline_factory(lambda: _build_pipeline(settings))
-        return get_pipeline()
+        pipeline = get_pipeline()
+        if not Flowcept._active:
+            pipeline.reset_inline()  # a slow filesystem in an earlier run may be fast again
+        return pipeline
 
     def _build_telemetry(self, settings: Settings) -> Any:
         try:

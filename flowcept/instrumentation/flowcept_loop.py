@@ -176,7 +176,7 @@ class FlowceptLoop:
                         # Turned into JSONL here, not in the flusher: the GIL makes it the same
                         # CPU either way, and here its memory is this thread's, reused chunk
                         # after chunk (a buffer the flusher thread allocates is fresh pages).
-                        waiting = batch.build()
+                        waiting = pipeline.build(batch)
                         if waiting >= flush_size:
                             pipeline.ready(waiting)
                     started_at = ended_at
@@ -269,7 +269,7 @@ class _IterationBatch:
         self.entries: list = []
         self.built: List[Tuple[bytes, int]] = []  # chunks build() made, waiting for take()
         self.built_lines = 0
-        self.lock = threading.Lock()  # build() (the loop's thread) against take() (a drain)
+        self.lock = threading.Lock()  # build() (the loop's thread) against take() (a drain's)
         self.prefix = prefix
         self.item_name = item_name
         self.suffix = suffix

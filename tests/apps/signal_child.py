@@ -2,7 +2,9 @@
 
 argv: workflow_id n ready_file mode, where mode is `plain` (default handlers) or `own`
 (the application installs its own SIGTERM/SIGINT handler, which writes <ready_file>.handler and
-exits with code 7).
+exits with code 7), or `busy-task` / `busy-loop`: default handlers, and after the ready file it
+keeps capturing (tasks, or loop iterations) until the signal comes, so that the signal lands
+in the middle of the flushes the capturing thread makes itself.
 """
 
 import os
@@ -30,6 +32,16 @@ def main() -> None:
     with open(tmp, "w") as out:
         out.write(str(os.getpid()))
     os.replace(tmp, ready)
+    if mode == "busy-task":
+        i = n
+        while True:
+            FlowceptTask(activity_id="step", used={"i": i}, generated={"sq": i * i})
+            i += 1
+    if mode == "busy-loop":
+        from flowcept.instrumentation.flowcept_loop import FlowceptLoop
+
+        for _ in FlowceptLoop(range(10**9), loop_name="busy", item_name="x"):
+            pass
     while True:
         signal.pause()
     flowcept.stop()  # unreachable: the signal ends the process

@@ -209,6 +209,7 @@ class Pipeline:
             try:
                 began = time.monotonic()
                 self.drain()
+                self._background()  # starts a data sync in its own thread past a few MiB: cheap here
                 took = time.monotonic() - began
                 if took > _INLINE_SLOW_S:
                     self.inline = False
@@ -285,12 +286,16 @@ class Pipeline:
             wake.wait(self.flush_interval_s)
             wake.clear()
             self.drain()
-            background = getattr(self.transport, "background", None)
-            if background is not None:
-                try:
-                    background()  # e.g. the file transport's periodic data sync
-                except Exception:
-                    logger.exception("flowcept transport background work failed")
+            self._background()
+
+    def _background(self) -> None:
+        """The transport's work between flushes (the file transport's periodic data sync)."""
+        background = getattr(self.transport, "background", None)
+        if background is not None:
+            try:
+                background()
+            except Exception:
+                logger.exception("flowcept transport background work failed")
 
     def reset_inline(self) -> None:
         """Let the capturing thread flush size-triggered batches again, if the transport allows it."""

@@ -51,7 +51,8 @@ KEYS: Tuple[Key, ...] = (
     Key("project.dump_buffer.flush_interval_s", 0.5, "float",
         "Longest time a captured record waits in memory before it is written."),
     Key("project.dump_buffer.flush_size", 2000, "int",
-        "Pending records that wake the flusher before the interval ends."),
+        "Pending records flushed before the interval ends (by the capturing thread while writes are "
+        "fast, else by the flusher)."),
     Key("project.dump_buffer.max_pending", 200000, "int",
         "Bound on records waiting in memory; past it the capturing thread writes them itself."),
     Key("project.dump_buffer.fsync", "stop", "choice:never|stop|flush",

@@ -167,12 +167,15 @@ def test_capturing_thread_flushes_while_writes_are_fast_and_stops_when_one_is_sl
     import threading
     import time
 
+    import flowcept.buffer
     from flowcept.buffer import get_pipeline
     from flowcept.placement import current_placement
     from flowcept.transport import process_file_path
 
     monkeypatch.setenv("FLOWCEPT_PROJECT_DUMP_BUFFER_FLUSH_SIZE", "400")
     monkeypatch.setenv("FLOWCEPT_PROJECT_CONSOLIDATE_ON_STOP", "false")
+    # "Fast" made lenient for a busy test machine; the FIFO below is slower than 5 ms by far.
+    monkeypatch.setattr(flowcept.buffer, "_INLINE_SLOW_S", 1.0)
     with Flowcept(workflow_id="fastfs") as fast:
         for i in range(1000):
             FlowceptTask(activity_id="a", used={"i": i}, generated={"y": i})
@@ -189,6 +192,7 @@ def test_capturing_thread_flushes_while_writes_are_fast_and_stops_when_one_is_sl
                 received.extend(chunk)
                 time.sleep(0.02)
 
+    monkeypatch.setattr(flowcept.buffer, "_INLINE_SLOW_S", 0.005)
     reader = threading.Thread(target=slow_reader, daemon=True)
     reader.start()
     flowcept = Flowcept(workflow_id="slowfs").start()

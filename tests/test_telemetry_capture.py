@@ -203,3 +203,24 @@ def test_import_flowcept_loads_no_gpu_library():
             "print(bad)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_cached_snapshots_are_written_from_their_json_made_once(telemetry_env):
+    """A published snapshot is serialised once (an orjson Fragment) and copied into each task's
+    line: the lines hold exactly the snapshots the tasks got, also across a refresh."""
+    telemetry_env.setenv("FLOWCEPT_TELEMETRY_CAPTURE_INTERVAL_S", "0.02")
+    with Flowcept(workflow_id="fragwf") as f:
+        snapshots = []
+        for i in range(3):
+            task = FlowceptTask(activity_id="measured", used={"i": i})
+            telemetry = task._telemetry
+            assert telemetry.fragment_of(task.to_dict()["telemetry_at_start"]) is not None
+            first = telemetry.capture()
+            wait_for(lambda t=telemetry, old=first: t.capture() is not old, 5, "a refreshed snapshot")
+            task.end(generated={"i": i})  # at_start: the previous snapshot, at_end: the new one
+            snapshots.append((orjson.loads(orjson.dumps(task.to_dict()["telemetry_at_start"])),
+                              orjson.loads(orjson.dumps(task.to_dict()["telemetry_at_end"]))))
+    written = sorted(tasks_of(f), key=lambda r: r["used"]["i"])
+    assert [(r["telemetry_at_start"], r["telemetry_at_end"]) for r in written] == snapshots
+    assert all(start != end for start, end in snapshots)  # two different snapshots in each line
+    assert telemetry.fragment_of({"not": "published"}) is None

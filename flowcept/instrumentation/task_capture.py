@@ -5,13 +5,17 @@ from __future__ import annotations
 from time import time
 from typing import Any, Dict, List, Optional
 
+import orjson
+
 from flowcept import capture
-from flowcept.buffer import splice_line
+from flowcept.buffer import FAST_OPTIONS, splice_line
 from flowcept.capture import current_task_id
 from flowcept.ids import id_factory
 from flowcept.records import Status
+from flowcept.serialization import _fallback
 
 _ids = id_factory()
+_dumps = orjson.dumps
 _FINISHED = Status.FINISHED.value
 _ERROR = Status.ERROR.value
 _FINISHED_STATUS = Status.FINISHED  # identity check: Enum .value costs ~0.2 µs on the hot path
@@ -163,7 +167,10 @@ class FlowceptTask:
         if lines is not None and capture.state is run:
             # Pipeline.append_parts without its list lookup: serialise what varies, splice the
             # run's constant tail.
-            lines.append(splice_line(record, run.suffix, run.rest))
+            if self._telemetry is None:
+                lines.append(splice_line(record, run.suffix, run.rest))
+            else:
+                lines.append(_telemetry_line(record, self._telemetry, run))
             if not len(lines) % run.flush_size:
                 run.pipeline.full(lines)
         else:  # the run changed since the task began, a field overrides a constant one, no pipeline
@@ -212,6 +219,31 @@ def full_record(record: Optional[Dict[str, Any]], run: Any) -> Dict[str, Any]:
             if name not in out:
                 out[name] = value
     return out
+
+
+def _telemetry_line(record: Dict[str, Any], telemetry: Any, run: Any) -> bytes:
+    """``splice_line`` of a record holding telemetry snapshots, without serialising cached ones again.
+
+    A cached snapshot is written from the JSON made when it was published
+    (``TelemetryCapture.fragment_of``); anything else goes the usual way.
+    """
+    fragment_of = getattr(telemetry, "fragment_of", None)
+    if fragment_of is not None:
+        swapped = None
+        for key in ("telemetry_at_start", "telemetry_at_end"):
+            fragment = fragment_of(record.get(key))
+            if fragment is not None:
+                if swapped is None:
+                    swapped = dict(record)
+                swapped[key] = fragment
+        if swapped is not None:
+            try:
+                body = _dumps(swapped, default=_fallback, option=FAST_OPTIONS)
+            except Exception:  # a value the fast path refuses: the usual way, which handles it
+                body = None
+            if body is not None and len(body) <= run.limit:
+                return body[:-1] + run.suffix
+    return splice_line(record, run.suffix, run.rest)
 
 
 def _error_text(exc_type: Any, exc_val: Any) -> str:

@@ -58,6 +58,9 @@ class TelemetryCapture:
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
         self._snapshot: Dict[str, Any] = {}
+        # The last two published snapshots with their JSON (orjson Fragment, or None): a task
+        # holding one is written without serialising it again (see fragment_of).
+        self._serialized: tuple = ()
         self._build_samplers()
         if mode == "sync":
             self.capture = self._sample_now  # type: ignore[method-assign]
@@ -119,11 +122,28 @@ class TelemetryCapture:
         """The latest snapshot (cached mode); shared between tasks, never mutated."""
         return self._snapshot
 
+    def fragment_of(self, snapshot: Any) -> Any:
+        """The JSON of ``snapshot`` as an ``orjson.Fragment`` if it is one of the last two published.
+
+        A cached snapshot goes into two records per task; serialised once when published, it
+        is copied into each line instead of serialised again (~1-3 µs a task, more with GPUs).
+        None for anything else (sync mode, an orjson without Fragment).
+        """
+        for published, fragment in self._serialized:
+            if published is snapshot:
+                return fragment
+        return None
+
+    def _publish(self, snapshot: Dict[str, Any]) -> None:
+        """Make ``snapshot`` the one tasks get: its JSON first, then the one reference swap."""
+        self._serialized = ((snapshot, _fragment(snapshot)), *self._serialized[:1])
+        self._snapshot = snapshot  # readers never see a partial dict
+
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> TelemetryCapture:
         """Take a first snapshot and start the refresh/emit thread where needed."""
         if self.mode == "cached":
-            self._snapshot = self._sample_now()
+            self._publish(self._sample_now())
         else:
             self._sample_now()  # primes the CPU% baselines so the first task does not wait long
         self._start_thread()
@@ -146,7 +166,7 @@ class TelemetryCapture:
             try:
                 now = time.monotonic()
                 if now >= next_refresh:
-                    self._snapshot = self._sample_now()  # one reference swap; readers never see a partial dict
+                    self._publish(self._sample_now())
                     next_refresh = now + self.interval_s
                 if now >= next_emit:
                     self._emit()
@@ -180,11 +200,27 @@ class TelemetryCapture:
         try:
             self._build_samplers()
             if self.mode == "cached":
-                self._snapshot = self._sample_now()
+                self._publish(self._sample_now())
         except Exception:
             logger.debug("telemetry re-initialisation after fork failed", exc_info=True)
         if not self._stopped:
             self._start_thread()
+
+
+def _fragment(snapshot: Dict[str, Any]) -> Any:
+    """``snapshot`` serialised as the capture fast path would, wrapped for orjson to copy as is."""
+    import orjson
+
+    fragment = getattr(orjson, "Fragment", None)  # orjson >= 3.9
+    if fragment is None:
+        return None
+    from flowcept.buffer import FAST_OPTIONS
+    from flowcept.serialization import _fallback
+
+    try:
+        return fragment(orjson.dumps(snapshot, default=_fallback, option=FAST_OPTIONS))
+    except Exception:  # a value the fast path refuses: such tasks take the safe way, whole
+        return None
 
 
 def telemetry_records(snapshot: Dict[str, Any], workflow_id: Optional[str]) -> List[Dict[str, Any]]:

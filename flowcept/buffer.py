@@ -243,7 +243,7 @@ class Pipeline:
 
     def remove_producer(self, producer: Any) -> None:
         """Collect ``producer``'s last records and stop asking it."""
-        with self._drain_lock:
+        with self._drain_lock, _Critical(self):
             self._collect(producer, into_list=True)
             with self._lists_lock:
                 self.producers = tuple(p for p in self.producers if p is not producer)

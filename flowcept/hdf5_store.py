@@ -63,7 +63,8 @@ GROUPS = ("tasks", "workflows", "telemetry", "other")
 _TASK_FIELDS = (*STRING_COLUMNS, *FLOAT_COLUMNS, *INT_COLUMNS)
 _GPU_KEYS = ("gpu", "gpus")
 _GPU_ID_KEYS = ("gpu_uuid", "gpu_index", "gpu_id", "uuid", "index")
-_MEMBER_ATTRS = ("gpu_uuid", "gpu_index", "gpu_name", "gpu_vendor", "pid", "rank")
+_MEMBER_ATTRS = {"gpus": ("gpu_uuid", "gpu_index", "gpu_name", "gpu_vendor"),  # several processes may sample one
+                 "processes": ("pid", "rank")}
 _NODE_ID_KEYS = ("node_name", "hostname")
 _TIME_KEYS = ("timestamp", "utc_timestamp", "captured_at", "started_at")
 _TASK_HEAD = b'{"type":"task"'
@@ -142,7 +143,7 @@ class _Appender:
             # A group that starts with a small write (a workflow record, a daemon's first batch)
             # gets smaller chunks: HDF5 stores every chunk whole.
             dataset = self.group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=self.np.uint8,
-                                                chunks=(_chunk(16 * len(data), BLOB_CHUNK, 16 * 1024),))
+                                                chunks=(_chunk(16 * len(data), BLOB_CHUNK, 64 * 1024),))
         start = dataset.shape[0]
         if len(data):
             dataset.resize((start + len(data),))
@@ -225,9 +226,9 @@ class _ColumnWorker:
     def __bool__(self) -> bool:
         return not self.broken
 
-    def submit(self, block: bytes, size: int) -> Optional[_Ticket]:
-        """Hand ``block`` to the worker if it is up and has room; None: parse it here."""
-        self.seen += size
+    def submit(self, block: bytes, rows: int) -> Optional[_Ticket]:
+        """Hand ``block`` (``rows`` lines) to the worker if it is up and has room; None: parse it here."""
+        self.seen += len(block)
         if self.proc is None:
             if self.seen >= self.start_after:
                 self._start()
@@ -246,7 +247,7 @@ class _ColumnWorker:
             self.shared[slot * _SLOT_BYTES:slot * _SLOT_BYTES + len(block)] = block
             ticket = _Ticket(block)
             self.inflight.append(ticket)
-            self._send(slot.to_bytes(8, "little") + len(block).to_bytes(8, "little"))
+            self._send(b"".join(n.to_bytes(8, "little") for n in (slot, len(block), rows)))
             self.handed += 1
             return ticket
         except (OSError, ValueError, EOFError) as error:
@@ -299,6 +300,12 @@ class _ColumnWorker:
     def _start(self) -> None:
         import subprocess
 
+        affinity = getattr(os, "sched_getaffinity", None)
+        if affinity is not None and len(affinity(0)) < 2:  # a rank pinned to one core: no second one to use
+            logger.info("HDF5 column worker not started: this process may run on one CPU only")
+            self.broken = True
+            return
+
         try:
             memory = os.memfd_create("flowcept-hdf5-blocks")
             try:
@@ -340,10 +347,10 @@ class _ColumnWorker:
         logger.warning("HDF5 column worker given up (%s); parsing in this process", error)
         self.broken = True
         self.inflight.clear()  # their blocks are parsed here (the tickets keep them)
-        self.close()
+        self.close(patience_s=0.0)  # dead, stalled or confused: not waited for
 
-    def close(self) -> None:
-        """End the worker (asked first, killed if it does not exit)."""
+    def close(self, patience_s: float = 5.0) -> None:
+        """End the worker: asked first (``patience_s`` to exit), then killed."""
         proc, self.proc = self.proc, None
         shared, self.shared = self.shared, None
         if proc is None:
@@ -355,10 +362,13 @@ class _ColumnWorker:
         except OSError:
             pass
         try:  # its stdout ends when it exits (Popen.wait(timeout) would poll with sleeps)
-            while select.select([proc.stdout], [], [], 5.0)[0] and os.read(proc.stdout.fileno(), 1 << 16):
+            while (patience_s > 0 and select.select([proc.stdout], [], [], patience_s)[0]
+                   and os.read(proc.stdout.fileno(), 1 << 16)):
                 pass
         except OSError:
             pass
+        if patience_s <= 0 and proc.poll() is None:
+            proc.kill()
         if proc.poll() is None:
             try:
                 proc.wait(timeout=1.0)
@@ -371,7 +381,7 @@ class _ColumnWorker:
 
 
 def _column_worker_main(memory: int, length: int) -> None:
-    """The worker's loop: read (slot, size) of a block in the shared memory, answer its columns."""
+    """The worker's loop: read (slot, size, rows) of a block in the shared memory, answer its columns."""
     import numpy as np
 
     source, sink = sys.stdin.buffer, sys.stdout.buffer
@@ -380,13 +390,13 @@ def _column_worker_main(memory: int, length: int) -> None:
     sink.write(b"R")
     sink.flush()
     while True:
-        header = source.read(16)
-        if len(header) != 16:
+        header = source.read(24)
+        if len(header) != 24:
             return
-        slot, size = int.from_bytes(header[:8], "little"), int.from_bytes(header[8:], "little")
+        slot, size, rows = (int.from_bytes(header[i:i + 8], "little") for i in (0, 8, 16))
         block = shared[slot * _SLOT_BYTES:slot * _SLOT_BYTES + size]
         try:
-            answer: Any = task_columns(np, block)
+            answer: Any = task_columns(np, block, rows=rows)
         except Exception as error:  # noqa: BLE001  (the writer parses this block itself)
             answer = repr(error)
         payload = pickle.dumps(answer, protocol=5)
@@ -428,9 +438,9 @@ class _GroupWriter:
         start = self._app().append_bytes("jsonl", np.frombuffer(block, dtype=np.uint8))
         entry: List[Any] = [rows, None, None, starts + start, seqs]
         if self.name == "tasks":
-            ticket = self.worker.submit(block, len(block)) if records is None and self.worker else None
+            ticket = self.worker.submit(block, rows) if records is None and self.worker else None
             if ticket is None:
-                self._resolve(entry, task_columns(np, block, records))
+                self._resolve(entry, task_columns(np, block, records, rows))
             else:
                 entry[2] = ticket
         elif self.name == "telemetry":
@@ -455,14 +465,16 @@ class _GroupWriter:
                 if columns is None:
                     if self.worker and not wait:
                         break  # still being parsed there
-                    columns = task_columns(self.np, entry[2].block)  # the worker failed
+                    columns = task_columns(self.np, entry[2].block, rows=entry[0])  # the worker failed
                 self._resolve(entry, columns)
             rows += entry[0]
         return rows
 
     def flush(self, aligned: bool = False) -> None:
         """Write the buffered rows; ``aligned``: whole HDF5 chunks only, the rest stays buffered."""
-        ready = self._resolved_rows(wait=not aligned)
+        # Past 4 batches buffered behind a block the worker still owes, wait for it: a stalled
+        # worker then meets its timeout (and is given up) instead of the whole file piling up here.
+        ready = self._resolved_rows(wait=not aligned or self.rows >= 4 * WRITE_ROWS)
         rows = ready - ready % CHUNK_ROWS if aligned else ready
         if not rows:
             return
@@ -527,7 +539,7 @@ class _GroupWriter:
             if kind:
                 group = group.require_group(kind).require_group(_h5name(member))
                 group.attrs["gpu" if kind == "gpus" else "pid"] = member
-                for name in _MEMBER_ATTRS:  # what identifies it, for a reader without the records
+                for name in _MEMBER_ATTRS[kind]:  # what identifies it, for a reader without the records
                     value = (record or {}).get(name)
                     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                         group.attrs[name] = value
@@ -634,19 +646,21 @@ def _row_decoder() -> Any:
     return _ROW_DECODER
 
 
-def _decode_columns(block: bytes) -> Optional[Dict[str, Sequence[Any]]]:
-    """The task filter fields of every line of ``block`` in one msgspec call; None if it cannot."""
+def _decode_columns(block: bytes, rows: int) -> Optional[Dict[str, Sequence[Any]]]:
+    """The task filter fields of the ``rows`` lines of ``block`` in one msgspec call; None if it cannot."""
     decoder = _row_decoder()
     if not decoder:
         return None
     decode, error = decoder
     try:  # JSON lines hold no raw newline: replacing them makes one JSON array
-        rows = decode.decode(b"[" + block[:-1].replace(b"\n", b",") + b"]")
+        decoded = decode.decode(b"[" + block[:-1].replace(b"\n", b",") + b"]")
     except error:
         return None  # a line that is not an object (or not JSON): the per-line path reports it
-    if not rows:
+    if len(decoded) != rows:  # a line holding two objects ("{...},{...}"): per line, which reports it
+        return None
+    if not decoded:
         return {name: () for name in _TASK_FIELDS}
-    return dict(zip(_TASK_FIELDS, zip(*map(operator.attrgetter(*_TASK_FIELDS), rows))))
+    return dict(zip(_TASK_FIELDS, zip(*map(operator.attrgetter(*_TASK_FIELDS), decoded))))
 
 
 def _parsed(block: bytes, records: Optional[List[Optional[dict]]]) -> List[dict]:
@@ -666,9 +680,12 @@ def _parsed(block: bytes, records: Optional[List[Optional[dict]]]) -> List[dict]
     return out
 
 
-def task_columns(np: Any, block: bytes, records: Optional[List[Optional[dict]]] = None) -> Dict[str, Any]:
+def task_columns(np: Any, block: bytes, records: Optional[List[Optional[dict]]] = None,
+                 rows: Optional[int] = None) -> Dict[str, Any]:
     """The filter columns of newline-terminated task lines as numpy arrays (strings as UTF-8 ``S``)."""
-    values = _decode_columns(block) if records is None else None
+    if rows is None:
+        rows = block.count(b"\n")
+    values = _decode_columns(block, rows) if records is None else None
     if values is None:
         values = _columns(_parsed(block, records), _TASK_FIELDS)
     columns: Dict[str, Any] = {name: _text_column(np, values[name]) for name in STRING_COLUMNS}

@@ -198,3 +198,46 @@ def test_node_process_and_gpu_samples_get_their_own_series(tmp_path: Path) -> No
         process = node["processes"][str(os.getpid())]
         assert process.attrs["pid"] == os.getpid() and process.attrs["rank"] == 3
         assert process["timestamp"].shape == (3,) and not any(name.startswith("gpu_") for name in process)
+
+
+def test_a_line_holding_two_objects_does_not_shift_the_columns(tmp_path: Path) -> None:
+    """Decoding a block as one JSON array would read '{...},{...}' as two rows: checked, per line then."""
+    from flowcept.hdf5_store import Hdf5Writer
+
+    good = [orjson.dumps({"type": "task", "task_id": f"t{i}", "workflow_id": "w"}) for i in range(4)]
+    bad = b'{"type":"task","task_id":"junk1","workflow_id":"w"},{"type":"task","task_id":"junk2"}'
+    writer = Hdf5Writer(str(tmp_path / "two.h5"), "w")
+    writer.add_block(b"\n".join(good[:2] + [bad] + good[2:]) + b"\n")
+    assert writer.close() == 5
+    frame = tasks_dataframe(str(tmp_path / "two.h5"))
+    assert frame.task_id.tolist() == ["t0", "t1", "", "t2", "t3"]
+
+
+def test_a_stalled_column_worker_is_given_up_and_memory_stays_bounded(tmp_path: Path, monkeypatch) -> None:
+    """SIGSTOP the helper: past a few batches the writer waits for it, meets the timeout, parses here."""
+    import signal
+
+    import flowcept.hdf5_store as store
+
+    monkeypatch.setattr(store, "WORKER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(store, "WRITE_ROWS", store.CHUNK_ROWS)  # the same logic on a smaller file
+    block_rows = 2048
+    total = 5 * store.WRITE_ROWS
+    blocks = [_task_block(start, block_rows) for start in range(0, total, block_rows)]
+    writer = _write_blocks(tmp_path / "stalled.h5", blocks[:3], parse_worker=True, worker_after=0)
+    assert writer.worker.handed >= 1
+    pid = writer.worker.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        peak = 0
+        for block in blocks[3:]:
+            writer.add_block(block)
+            peak = max(peak, writer.writers["tasks"].rows)
+        assert not writer.worker  # given up after its timeout
+        assert peak <= 4 * store.WRITE_ROWS + block_rows  # not the whole file held here
+        assert writer.close() == len(blocks) * block_rows
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+    frame = tasks_dataframe(str(tmp_path / "stalled.h5"))
+    assert frame.task_id.tolist() == [f"00000000000000cd.{i}" for i in range(len(blocks) * block_rows)]

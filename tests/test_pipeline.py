@@ -208,3 +208,15 @@ def test_capturing_thread_flushes_while_writes_are_fast_and_stops_when_one_is_sl
         assert get_pipeline().inline  # a new run tries the capturing thread again
     lines = [orjson.loads(line) for line in bytes(received).splitlines()]
     assert sorted(r["used"]["i"] for r in lines if r["type"] == "task") == list(range(1200))
+
+
+def test_buffer_view_cap_falls_back_to_the_hdf5_output(monkeypatch):
+    """Past the cap, after an HDF5 consolidation removed the JSONL files, get_buffer() reads the .h5."""
+    pytest.importorskip("h5py")
+    monkeypatch.setenv("FLOWCEPT_PROJECT_BUFFER_VIEW_MAX_RECORDS", "50")
+    monkeypatch.setenv("FLOWCEPT_PROJECT_OUTPUT_FORMAT", "hdf5")
+    with Flowcept(workflow_id="capped_h5") as fc:
+        for i in range(120):
+            FlowceptTask(activity_id="a", used={"i": i}, generated={"i": i})
+    assert fc.output_path.endswith(".h5")
+    assert sorted(r["used"]["i"] for r in tasks_of(fc.get_buffer(), "capped_h5")) == list(range(120))

@@ -309,13 +309,43 @@ def test_slow_energy_reads_are_throttled_fast_ones_are_not():
     assert all("gpu_energy_age_s" not in r for r in records)
     slow = FakeGpu(UUID1, energy_delay_s=0.002)
     s = sampler(make_nvml([slow]), energy_refresh_s=0.05)
-    first, second = s.sample()[0], s.sample()[0]
-    assert slow.calls["nvmlDeviceGetTotalEnergyConsumption"] == 1
-    assert "gpu_energy_age_s" not in first and first["gpu_energy_joules"] == pytest.approx(987654.321)
-    assert second["gpu_energy_joules"] == first["gpu_energy_joules"] and 0 <= second["gpu_energy_age_s"] < 0.05
+    first, second, third = s.sample()[0], s.sample()[0], s.sample()[0]
+    # the first read is the driver's warm-up, never judged; the second is slow: the third reuses it
+    assert slow.calls["nvmlDeviceGetTotalEnergyConsumption"] == 2
+    assert "gpu_energy_age_s" not in first and "gpu_energy_age_s" not in second
+    assert second["gpu_energy_joules"] == pytest.approx(987654.321)
+    assert third["gpu_energy_joules"] == second["gpu_energy_joules"] and 0 <= third["gpu_energy_age_s"] < 0.05
     slow.energy_mj += 5000
     deadline = time.monotonic() + 5
     while "gpu_energy_age_s" in (fresh := s.sample()[0]) and time.monotonic() < deadline:
         pass
-    assert slow.calls["nvmlDeviceGetTotalEnergyConsumption"] == 2  # due again after energy_refresh_s
+    assert slow.calls["nvmlDeviceGetTotalEnergyConsumption"] == 3  # due again after energy_refresh_s
     assert fresh["gpu_energy_joules"] == pytest.approx(987659.321)
+
+
+def test_energy_throttle_counts_cpu_not_waiting_and_keeps_devices_apart():
+    """A fast read that waits (here: for the GIL, a sleeping driver) is not slow; two devices whose
+    UUIDs NVML cannot give keep their own counters."""
+    import threading
+
+    fast = FakeGpu(UUID0, energy_mj=1000)
+    stop = threading.Event()
+
+    def busy() -> None:  # a CPU-bound application thread: the sampler waits for the GIL after each call
+        while not stop.is_set():
+            sum(range(1000))
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        s = sampler(make_nvml([fast]))
+        records = [s.sample()[0] for _ in range(20)]
+    finally:
+        stop.set()
+        worker.join(10)
+    assert all("gpu_energy_age_s" not in r for r in records)
+    assert fast.calls["nvmlDeviceGetTotalEnergyConsumption"] == 20
+    twins = [FakeGpu(UUID1, energy_mj=1000, fail={"nvmlDeviceGetUUID": fnv.NVML_ERROR_UNKNOWN}),
+             FakeGpu(UUID2, energy_mj=5000000, fail={"nvmlDeviceGetUUID": fnv.NVML_ERROR_UNKNOWN})]
+    records = sampler(make_nvml(twins)).sample()
+    assert [r["gpu_energy_joules"] for r in records] == [1.0, 5000.0]

@@ -362,6 +362,7 @@ class Flowcept:
             report = consolidate(settings["project.dump_buffer.path"], self.current_workflow_id,
                                  output_format=settings["project.output_format"],
                                  cleanup_files=settings["project.cleanup_files"], workflow_update=workflow_end,
+                                 parse_worker=settings["project.hdf5_parse_worker"],
                                  known_files={known[0]: known[1:]} if known else None)
             self.last_consolidation = report
             self.output_path = report.output_path
@@ -415,9 +416,15 @@ class Flowcept:
 
     def _records_from_files(self) -> List[dict]:
         base = (self.settings or load_settings())["project.dump_buffer.path"]
+        workflow_id = self.current_workflow_id or ""
+        sources = find_sources(base, workflow_id)
+        hdf5_output = consolidated_path(base, workflow_id, "hdf5")
+        if os.path.exists(hdf5_output):  # an HDF5 consolidation removed the JSONL it came from
+            sources.insert(0, hdf5_output)
         out: List[dict] = []
-        for path in find_sources(base, self.current_workflow_id or ""):
-            out.extend(r for r in read_jsonl(path) if r.get("workflow_id") == self.current_workflow_id)
+        for path in sources:
+            records = read_records(path) if path.endswith((".h5", ".hdf5")) else read_jsonl(path)
+            out.extend(r for r in records if r.get("workflow_id") == self.current_workflow_id)
         return _dedup(out)
 
     def dump_buffer(self, path: Optional[str] = None) -> None:

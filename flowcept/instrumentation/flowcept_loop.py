@@ -147,6 +147,7 @@ class FlowceptLoop:
         current_n = None  # on the batched path: the id number of the iteration in progress
         status = "FINISHED"
         error_text = None
+        flushing = False
         try:
             if telemetry is None and lines is not None and type(item_name) is str and item_name != "i":
                 # The common case: numbers, bools and None kept as tuples, turned into lines in
@@ -172,16 +173,18 @@ class FlowceptLoop:
                         if generated is not None:
                             done["generated"] = generated
                         put(splice_line(done, suffix, rest))
+                    started_at = ended_at
+                    current_n = None  # recorded: a signal acted upon in the flush below must not record it again
+                    index += 1
                     if not len(entries) % _CHUNK:
                         # Turned into JSONL here, not in the flusher: the GIL makes it the same
                         # CPU either way, and here its memory is this thread's, reused chunk
                         # after chunk (a buffer the flusher thread allocates is fresh pages).
+                        flushing = True
                         waiting = pipeline.build(batch)
                         if waiting >= flush_size:
                             pipeline.ready(waiting)
-                    started_at = ended_at
-                    current_n = None
-                    index += 1
+                        flushing = False
                 return
             for item in self._items:
                 # type, task_id, workflow_id lead every task line (consolidation relies on it).
@@ -197,12 +200,14 @@ class FlowceptLoop:
                     record["telemetry_at_end"] = telemetry.capture()
                 if lines is not None:
                     lines.append(splice_line(record, suffix, rest))
-                    if not len(lines) % flush_size:
-                        pipeline.full(lines)
                 else:
                     append({**record, **rest})
                 record = None
                 index += 1
+                if lines is not None and not len(lines) % flush_size:
+                    flushing = True
+                    pipeline.full(lines)
+                    flushing = False
         except GeneratorExit:
             # Left early: `break`/`return` (normal control flow: FINISHED), an exception in
             # the loop body (ERROR), or the iterator was closed or dropped (FINISHED).
@@ -210,10 +215,10 @@ class FlowceptLoop:
                 status = "ERROR"
                 error_text = "the loop body raised an exception"
             raise
-        except BaseException as error:  # the wrapped iterable itself failed
+        except BaseException as error:  # the wrapped iterable failed, or a signal acted upon in a flush
             status = "ERROR"
             error_text = f"{type(error).__name__}: {error}"
-            if record is None:
+            if record is None and not flushing:  # the failed next() of the iterable: an iteration of its own
                 record = {"type": "task", "task_id": prefix + str(next(counter)), "workflow_id": workflow_id,
                           "started_at": started_at, "used": {"i": index}}
             raise

@@ -234,12 +234,14 @@ class NvidiaSampler:
 
     def __init__(self, backend: Any = None, metrics: Optional[Iterable[str]] = None,
                  visible_devices: Optional[str] = "env", state: Optional[NvmlState] = None,
-                 energy_refresh_s: float = ENERGY_REFRESH_S, clock: Callable[[], float] = time.monotonic):
+                 energy_refresh_s: float = ENERGY_REFRESH_S, clock: Callable[[], float] = time.monotonic,
+                 cpu_clock: Callable[[], float] = time.thread_time):
         self.state = state or NvmlState(backend, visible_devices)
         self.metrics = metric_groups(metrics)
         self.energy_refresh_s = energy_refresh_s
         self._clock = clock
-        self._energy: Dict[Optional[str], tuple] = {}  # uuid -> (joules, read at, read was slow)
+        self._cpu_clock = cpu_clock
+        self._energy: Dict[int, tuple] = {}  # device index -> (joules, read at, read was slow)
 
     @property
     def status(self) -> str:
@@ -309,18 +311,21 @@ class NvidiaSampler:
         On some systems (a virtualised H200 here) one nvmlDeviceGetTotalEnergyConsumption costs
         ~3.5 ms of CPU, 40x every other query together. There the last value is reported with
         ``gpu_energy_age_s`` (seconds since it was read) until it is due again; a fast read is
-        made every sample and carries no age.
+        made every sample and carries no age. Slow means this thread's CPU time for the read
+        (waiting for the GIL back after it is not the read's cost), and never the first read
+        (the driver's warm-up).
         """
         now = self._clock()
-        last = self._energy.get(dev.uuid)
+        last = self._energy.get(dev.index)
         if last is not None and last[2] and now - last[1] < self.energy_refresh_s:
             rec["gpu_energy_joules"] = last[0]
             rec["gpu_energy_age_s"] = round(now - last[1], 3)
             return
+        cpu_before = self._cpu_clock()
         millijoules = call("energy", self.state.backend.nvmlDeviceGetTotalEnergyConsumption, dev.handle)
+        slow = last is not None and self._cpu_clock() - cpu_before > SLOW_ENERGY_READ_S
         joules = None if millijoules is None else millijoules / 1000.0
-        after = self._clock()
-        self._energy[dev.uuid] = (joules, after, after - now > SLOW_ENERGY_READ_S)
+        self._energy[dev.index] = (joules, self._clock(), slow)
         rec["gpu_energy_joules"] = joules
 
     def close(self) -> None:

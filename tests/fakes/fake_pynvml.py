@@ -102,7 +102,7 @@ class FakeGpu:
     temperature: int = 55
     power_mw: int = 123456
     energy_mj: int = 987654321
-    energy_delay_s: float = 0.0  # a slow energy query, as some drivers have (the call really takes this long)
+    energy_delay_s: float = 0.0  # a slow energy query, as some drivers have (CPU really spent in it)
     clocks: Dict[int, int] = field(default_factory=lambda: {0: 1410, 1: 1410, 2: 1215})
     processes: List[Tuple[int, Optional[int]]] = field(default_factory=list)
     fail: Dict[str, int] = field(default_factory=dict)
@@ -230,8 +230,10 @@ def make_nvml(gpus: List[FakeGpu], init_error: Optional[int] = None, driver_vers
 
     @device_call("nvmlDeviceGetTotalEnergyConsumption")
     def _energy(h):
-        if h.gpu.energy_delay_s:
-            time.sleep(h.gpu.energy_delay_s)  # the device's own slowness, not synchronisation
+        if h.gpu.energy_delay_s:  # the driver's own slowness: CPU burnt in the call, as on a real one
+            until = time.perf_counter() + h.gpu.energy_delay_s
+            while time.perf_counter() < until:
+                pass
         return h.gpu.energy_mj
 
     @device_call("nvmlDeviceGetClockInfo")

@@ -1,0 +1,40 @@
+"""A real SIGTERM/SIGINT sent at an exact point inside Flowcept's own flushing, then the outcome.
+
+argv: point out_dir. Points:
+  loop-end-take  SIGTERM while a finishing loop hands its last iterations over (its batch lock held)
+  loop-build     SIGINT while the loop turns a full chunk of iterations into JSONL in its own thread
+The signal is sent by wrapping the step (the wrapper calls the real one); what the process leaves in
+its files is what a signal at that instant leaves.
+"""
+
+import os
+import signal
+import sys
+
+from flowcept import Flowcept
+from flowcept.instrumentation import flowcept_loop
+
+point, out_dir = sys.argv[1], sys.argv[2]
+os.environ["FLOWCEPT_PROJECT_DUMP_BUFFER_PATH"] = os.path.join(out_dir, "flowcept_buffer.jsonl")
+os.environ["FLOWCEPT_PROJECT_DUMP_BUFFER_FLUSH_INTERVAL_S"] = "60"
+signal.alarm(30)  # a hang ends as SIGALRM, which the test reports
+step = "_take_entries" if point == "loop-end-take" else "build"
+real = getattr(flowcept_loop._IterationBatch, step)
+sent = []
+
+
+def at_the_point(self, *args):
+    if not sent and (point != "loop-end-take" or self.entries):
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGTERM if point == "loop-end-take" else signal.SIGINT)
+    return real(self, *args)
+
+
+setattr(flowcept_loop._IterationBatch, step, at_the_point)
+flowcept = Flowcept(workflow_id=f"pt-{point}").start()
+try:
+    for _ in flowcept_loop.FlowceptLoop(range(10 if point == "loop-end-take" else 2000), loop_name="L", item_name="x"):
+        pass
+except KeyboardInterrupt:
+    print("interrupted")
+flowcept.stop()

@@ -224,3 +224,21 @@ def test_cached_snapshots_are_written_from_their_json_made_once(telemetry_env):
     assert [(r["telemetry_at_start"], r["telemetry_at_end"]) for r in written] == snapshots
     assert all(start != end for start, end in snapshots)  # two different snapshots in each line
     assert telemetry.fragment_of({"not": "published"}) is None
+
+
+def test_decorated_calls_write_cached_snapshots_from_their_json(telemetry_env):
+    @flowcept_task
+    def square(x):
+        return {"y": x * x}
+
+    with Flowcept(workflow_id="fragdeco") as f:
+        from flowcept import capture
+
+        telemetry = capture.state.telemetry
+        expected = orjson.loads(orjson.dumps(telemetry.capture()))
+        assert telemetry.fragment_of(telemetry.capture()) is not None
+        for i in range(3):
+            square(i)
+    records = [r for r in tasks_of(f) if r["activity_id"] == "square"]
+    assert [r["generated"] for r in records] == [{"y": 0}, {"y": 1}, {"y": 4}]
+    assert all(set(r["telemetry_at_start"]) == set(expected) and r["telemetry_at_end"] for r in records)

@@ -12,7 +12,7 @@ from flowcept import capture
 from flowcept.buffer import splice_line
 from flowcept.capture import current_task_id
 from flowcept.ids import id_factory
-from flowcept.instrumentation.task_capture import FlowceptTask, _error_text, full_record
+from flowcept.instrumentation.task_capture import FlowceptTask, _error_text, _telemetry_line, full_record
 
 _ids = id_factory()
 
@@ -255,7 +255,13 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
             if telemetry is not None:
                 record["telemetry_at_end"] = telemetry.capture()
             if splice is not None and capture.state is run:
-                splice(record, run.suffix, run.rest, record["workflow_id"])
+                if telemetry is not None and run.pipeline is not None:  # cached snapshots: their JSON as made
+                    lines = run.pipeline.lines_for(record["workflow_id"])
+                    lines.append(_telemetry_line(record, telemetry, run))
+                    if not len(lines) % run.flush_size:
+                        run.pipeline.full(lines)
+                else:
+                    splice(record, run.suffix, run.rest, record["workflow_id"])
             else:  # the run changed during the call, the call overrides a constant field, no pipeline
                 capture.state.append(full_record(record, run))
 

@@ -178,12 +178,7 @@ class Pipeline:
         must be non-empty and share no key with ``rest``. The capture hot paths inline this
         (see :func:`splice_line`); this method is their slow path and the general entry.
         """
-        lines = self.lists.get(workflow_id)
-        if lines is None:
-            lines = self.lines_for(workflow_id)
-        lines.append(splice_line(record, suffix, rest))
-        if not len(lines) % self.flush_size:
-            self.full(lines)
+        self.append_line(workflow_id, splice_line(record, suffix, rest))
 
     def full(self, lines: List[bytes]) -> None:
         """A list reached a multiple of flush_size: wake the flusher, or drain here past max_pending.
@@ -223,7 +218,12 @@ class Pipeline:
         """Queue an already serialised JSON line (ending in a newline)."""
         if line.startswith(b'{"type":"workflow"'):
             self.workflow_records[workflow_id] = self.workflow_records.get(workflow_id, 0) + 1
-        self.lines_for(workflow_id).append(line)
+        lines = self.lists.get(workflow_id)
+        if lines is None:
+            lines = self.lines_for(workflow_id)
+        lines.append(line)
+        if not len(lines) % self.flush_size:
+            self.full(lines)
 
     def known_file(self, workflow_id: Optional[str]) -> Optional[Tuple[str, int, int]]:
         """(path, bytes, lines) of the workflow's file, when this process wrote all of it; else None.

@@ -358,6 +358,15 @@ def merge_workflow_records(records: List[dict]) -> dict:
     return merged
 
 
+def _whole_lines(rest: bytes, data: bytes) -> Tuple[bytes, bytes]:
+    """(the whole lines of ``rest`` + ``data``, the unterminated tail left for the next read)."""
+    data = rest + data if rest else data
+    cut = data.rfind(b"\n") + 1
+    if cut == len(data):
+        return data, b""
+    return data[:cut], data[cut:]
+
+
 def _file_blocks(path: str, report: MergeReport) -> Iterator[Tuple[bytes, int]]:
     """Yield (block of whole lines ending in a newline, number of its first line)."""
     if path.endswith((".h5", ".hdf5")):
@@ -374,15 +383,10 @@ def _file_blocks(path: str, report: MergeReport) -> Iterator[Tuple[bytes, int]]:
             data = handle.read(_BLOCK_BYTES)
             if not data:
                 break
-            data = rest + data if rest else data
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                rest = data
-                continue
-            rest = data[cut:]
-            block = data[:cut] if rest else data
-            yield block, line_number
-            line_number += block.count(b"\n")
+            block, rest = _whole_lines(rest, data)
+            if block:
+                yield block, line_number
+                line_number += block.count(b"\n")
     if rest.strip():
         if _parses(rest):
             yield rest + b"\n", line_number
@@ -577,13 +581,9 @@ def _range_blocks(fd: int, start: int, end: int) -> Iterator[bytes]:
         if not data:
             break  # the file shrank under us
         offset += len(data)
-        data = rest + data if rest else data
-        cut = data.rfind(b"\n") + 1
-        if cut == 0:
-            rest = data
-            continue
-        rest = data[cut:]
-        yield data[:cut] if rest else data
+        block, rest = _whole_lines(rest, data)
+        if block:
+            yield block
     if rest:
         yield rest
 

@@ -256,10 +256,7 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                 record["telemetry_at_end"] = telemetry.capture()
             if splice is not None and capture.state is run:
                 if telemetry is not None and run.pipeline is not None:  # cached snapshots: their JSON as made
-                    lines = run.pipeline.lines_for(record["workflow_id"])
-                    lines.append(_telemetry_line(record, telemetry, run))
-                    if not len(lines) % run.flush_size:
-                        run.pipeline.full(lines)
+                    run.pipeline.append_line(record["workflow_id"], _telemetry_line(record, telemetry, run))
                 else:
                     splice(record, run.suffix, run.rest, record["workflow_id"])
             else:  # the run changed during the call, the call overrides a constant field, no pipeline

@@ -17,7 +17,7 @@ import os
 from typing import Any, Dict, Iterable, List, Optional
 
 from flowcept.telemetry._guard import FieldGuard
-from flowcept.telemetry.nvidia import GpuDevice, metric_groups, parse_visible
+from flowcept.telemetry.nvidia import GpuBackendState, GpuDevice, metric_groups, parse_visible
 
 logger = logging.getLogger("flowcept.telemetry")
 
@@ -49,29 +49,17 @@ def _norm_id(text: Any) -> str:
     return text.replace("-", "")
 
 
-class AmdSmiState:
+class AmdSmiState(GpuBackendState):
     """amdsmi initialised once per process with the job's visible GPUs; never raises."""
 
+    vendor = "AMD"
+
     def __init__(self, backend: Any = None, env: Optional[Dict[str, str]] = None):
-        self._given_backend = backend
+        super().__init__(backend)
         self._env = env
-        self._pid: Optional[int] = None
-        self.backend: Any = None
-        self.status = "uninitialized"
-        self.detail: Optional[str] = None
-        self.devices: List[GpuDevice] = []
 
-    def ensure(self) -> bool:
-        """Initialise amdsmi and resolve devices if not done in this process; True when usable."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._initialise()
-        return self.status == "ok"
-
-    def _set(self, status: str, detail: Optional[str] = None) -> None:
-        self.status, self.detail = status, detail
-        if status != "ok":
-            logger.info("AMD telemetry: %s%s", status, f" ({detail})" if detail else "")
+    def _shut_down(self) -> None:
+        self.backend.amdsmi_shut_down()
 
     def _initialise(self) -> None:
         self.devices = []
@@ -124,16 +112,6 @@ class AmdSmiState:
                 return p
         return None
 
-    def shutdown(self) -> None:
-        """Shut amdsmi down if this process initialised it."""
-        if self.status == "ok" and self._pid == os.getpid() and self.backend is not None:
-            try:
-                self.backend.amdsmi_shut_down()
-            except Exception:
-                pass
-        self._pid = None
-        self.status = "uninitialized"
-        self.devices = []
 
 
 class AmdSampler:

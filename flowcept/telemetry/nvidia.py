@@ -67,22 +67,25 @@ def parse_visible(value: Optional[str]) -> Optional[List[str]]:
     return [token.strip() for token in value.split(",") if token.strip()]
 
 
-class NvmlState:
-    """NVML initialised once per process, with the job's visible devices; never raises."""
+class GpuBackendState:
+    """A vendor library initialised once per process (again in a forked child); never raises.
 
-    def __init__(self, backend: Any = None, visible_devices: Optional[str] = "env"):
+    Subclasses set ``vendor`` and implement ``_initialise`` (devices and ``status``) and
+    ``_shut_down`` (the library's own shutdown call).
+    """
+
+    vendor = "GPU"
+
+    def __init__(self, backend: Any = None):
         self._given_backend = backend
-        self._visible_setting = visible_devices
         self._pid: Optional[int] = None
         self.backend: Any = None
         self.status = "uninitialized"
         self.detail: Optional[str] = None
-        self.driver_version: Optional[str] = None
         self.devices: List[GpuDevice] = []
 
-    # -- initialisation --------------------------------------------------------------------------
     def ensure(self) -> bool:
-        """Initialise NVML and resolve devices if not done in this process; True when usable."""
+        """Initialise the library and resolve devices if not done in this process; True when usable."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._initialise()
@@ -91,7 +94,38 @@ class NvmlState:
     def _set(self, status: str, detail: Optional[str] = None) -> None:
         self.status, self.detail = status, detail
         if status != "ok":
-            logger.info("NVIDIA telemetry: %s%s", status, f" ({detail})" if detail else "")
+            logger.info("%s telemetry: %s%s", self.vendor, status, f" ({detail})" if detail else "")
+
+    def _initialise(self) -> None:
+        raise NotImplementedError
+
+    def _shut_down(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Shut the library down if this process initialised it."""
+        if self.status == "ok" and self._pid == os.getpid() and self.backend is not None:
+            try:
+                self._shut_down()
+            except Exception:
+                pass
+        self._pid = None
+        self.status = "uninitialized"
+        self.devices = []
+
+
+class NvmlState(GpuBackendState):
+    """NVML initialised once per process, with the job's visible devices; never raises."""
+
+    vendor = "NVIDIA"
+
+    def __init__(self, backend: Any = None, visible_devices: Optional[str] = "env"):
+        super().__init__(backend)
+        self._visible_setting = visible_devices
+        self.driver_version: Optional[str] = None
+
+    def _shut_down(self) -> None:
+        self.backend.nvmlShutdown()
 
     def _initialise(self) -> None:
         self.devices = []
@@ -213,17 +247,6 @@ class NvmlState:
             except Exception:
                 continue  # empty slot (NVML_ERROR_NOT_FOUND)
         return out
-
-    def shutdown(self) -> None:
-        """Shut NVML down if this process initialised it."""
-        if self.status == "ok" and self._pid == os.getpid() and self.backend is not None:
-            try:
-                self.backend.nvmlShutdown()
-            except Exception:
-                pass
-        self._pid = None
-        self.status = "uninitialized"
-        self.devices = []
 
 
 class NvidiaSampler:

@@ -125,3 +125,20 @@ def real_nvidia_gpus() -> int:
 def no_real_gpu(test):
     """Skip a test of the GPU-less behaviour where a real GPU is visible (a GPU machine)."""
     return pytest.mark.skipif(real_nvidia_gpus() > 0, reason="checks behaviour without a GPU; one is present")(test)
+
+
+@pytest.fixture
+def telemetry_logs():
+    """Records logged by flowcept.telemetry (the flowcept logger may not propagate to caplog)."""
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("flowcept.telemetry")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)

@@ -24,23 +24,6 @@ MIG_A = "MIG-aaaaaaaa-0000-1111-2222-333333333333"
 MIG_B = "MIG-bbbbbbbb-0000-1111-2222-444444444444"
 
 
-@pytest.fixture
-def telemetry_logs():
-    """Records logged by flowcept.telemetry (the flowcept logger may not propagate to caplog)."""
-    import logging
-
-    records = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    logger = logging.getLogger("flowcept.telemetry")
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
-
-
 def three_gpus(**kw):
     return [FakeGpu(UUID0, processes=[(os.getpid(), 500 * 2**20), (1, 2**20)]), FakeGpu(UUID1), FakeGpu(UUID2)]
 

@@ -20,23 +20,6 @@ from flowcept.telemetry.process import ProcessGone, ProcessSampler
 
 
 @pytest.fixture
-def telemetry_logs():
-    """Records logged by flowcept.telemetry (the flowcept logger may not propagate to caplog)."""
-    import logging
-
-    records = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    logger = logging.getLogger("flowcept.telemetry")
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
-
-
-@pytest.fixture
 def busy_process():
     """A child that spins one core until killed."""
     child = subprocess.Popen([sys.executable, "-c", "while True: pass"])

@@ -423,8 +423,7 @@ class Flowcept:
             sources.insert(0, hdf5_output)
         out: List[dict] = []
         for path in sources:
-            records = read_records(path) if path.endswith((".h5", ".hdf5")) else read_jsonl(path)
-            out.extend(r for r in records if r.get("workflow_id") == self.current_workflow_id)
+            out.extend(r for r in read_records(path) if r.get("workflow_id") == self.current_workflow_id)
         return _dedup(out)
 
     def dump_buffer(self, path: Optional[str] = None) -> None:

@@ -22,6 +22,14 @@ current_task_id: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "flowcept_current_task_id", default=None
 )
 
+# The parent-task operations as plain names, for hot paths to import. CPython 3.11 compiles
+# ``name.method(...)`` without its method-call fast path when ``name`` came from a
+# ``from ... import``: ``current_task_id.set(x)`` imported that way makes a bound-method
+# object per call (set + reset cost ~170 ns instead of ~100 ns here).
+get_parent = current_task_id.get
+set_parent = current_task_id.set
+reset_parent = current_task_id.reset
+
 
 class RunState:
     """A snapshot of the active run; immutable once published."""

@@ -84,6 +84,25 @@ def test_context_manager_success_and_parenting():
     assert _one(records, "after").get("parent_task_id") is None
 
 
+def test_context_manager_protocol_edges():
+    """No ``used`` key without inputs; exiting twice, or without entering, neither raises nor leaks a parent."""
+    with Flowcept() as flowcept:
+        bare = FlowceptTask(activity_id="bare", capture_telemetry=False)
+        bare.__exit__(None, None, None)  # never entered: ends the task, no token to reset
+        twice = FlowceptTask(activity_id="twice")
+        twice.__enter__()
+        assert FlowceptTask(activity_id="probe").get_parent_task_id() == twice.get_id()
+        twice.__exit__(None, None, None)
+        twice.__exit__(None, None, None)
+        with FlowceptTask(activity_id="after") as after:
+            pass
+        records = flowcept.get_buffer()
+    assert after.get_parent_task_id() is None
+    rec = _one(records, "bare")
+    assert "used" not in rec and rec["status"] == "FINISHED"
+    assert _one(records, "twice")["status"] == "FINISHED"
+
+
 def test_context_manager_error_recorded_and_reraised():
     with Flowcept() as flowcept:
         with pytest.raises(ZeroDivisionError):

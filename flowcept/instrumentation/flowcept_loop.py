@@ -33,7 +33,7 @@ import orjson
 
 from flowcept import capture
 from flowcept.buffer import splice_line
-from flowcept.capture import current_task_id
+from flowcept.capture import get_parent
 from flowcept.ids import id_factory
 
 _ids = id_factory()
@@ -74,7 +74,7 @@ class FlowceptLoop:
         run = capture.state
         self.enabled = bool(capture_enabled) and run.capturing
         self.workflow_id = workflow_id or run.workflow_id
-        self._parent_task_id = parent_task_id or current_task_id.get()
+        self._parent_task_id = parent_task_id or get_parent()
         self._loop_id = _ids.prefix + str(next(_ids.counter))
         # The iteration in progress: its record (dict), or on the batched path its id number.
         self._current: Any = None

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from flowcept import capture
 from flowcept.buffer import splice_line
-from flowcept.capture import current_task_id
+from flowcept.capture import current_task_id, get_parent, reset_parent, set_parent
 from flowcept.ids import id_factory
 from flowcept.instrumentation.task_capture import FlowceptTask, _error_text, _telemetry_line, full_record
 
@@ -216,7 +216,7 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
             # type, task_id, workflow_id lead every task line (consolidation relies on it).
             record = {"type": "task", "task_id": task_id, "workflow_id": run.workflow_id,
                       "activity_id": activity_id, "started_at": time(),
-                      "parent_task_id": current_task_id.get(), "used": used}
+                      "parent_task_id": get_parent(), "used": used}
             splice = run.splice
             if "workflow_id" in used or "campaign_id" in used:
                 workflow_id = used.pop("workflow_id", None)
@@ -235,12 +235,12 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                 telemetry = ensure_capture()
             if telemetry is not None:
                 record["telemetry_at_start"] = telemetry.capture()
-            return record, current_task_id.set(task_id), telemetry, splice
+            return record, set_parent(task_id), telemetry, splice
 
         def finish(record: dict, token: Any, telemetry: Any, splice: Any, run: Any, result: Any,
                    error: Optional[BaseException]) -> None:
             try:
-                current_task_id.reset(token)
+                reset_parent(token)
             except ValueError:
                 pass
             record["ended_at"] = time()
@@ -293,15 +293,15 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                 task_id = _ids.prefix + str(next(_ids.counter))
                 record = {"type": "task", "task_id": task_id, "workflow_id": run.workflow_id,
                           "activity_id": activity_id, "started_at": time(),
-                          "parent_task_id": current_task_id.get(), "used": used}
-                token = current_task_id.set(task_id)
+                          "parent_task_id": get_parent(), "used": used}
+                token = set_parent(task_id)
                 try:
                     result = function(*args, **kwargs)
                 except BaseException as error:
                     finish(record, token, None, run.splice, run, None, error)
                     raise
                 try:
-                    current_task_id.reset(token)
+                    reset_parent(token)
                 except ValueError:
                     pass
                 record["ended_at"] = time()

@@ -9,7 +9,7 @@ import orjson
 
 from flowcept import capture
 from flowcept.buffer import FAST_OPTIONS, splice_line
-from flowcept.capture import current_task_id
+from flowcept.capture import get_parent, reset_parent, set_parent
 from flowcept.ids import id_factory
 from flowcept.records import Status
 from flowcept.serialization import _fallback
@@ -52,7 +52,6 @@ class FlowceptTask:
                  stdout: Optional[str] = None, stderr: Optional[str] = None,
                  status: Optional[Status] = None, capture_telemetry: Optional[bool] = None):
         run = capture.state
-        self._token = None
         if not run.capturing:
             self._record = None
             self._ended = True
@@ -67,14 +66,15 @@ class FlowceptTask:
             "workflow_id": workflow_id or run.workflow_id,
             "activity_id": activity_id,
             "started_at": started_at or time(),
-            "parent_task_id": parent_task_id or current_task_id.get(),
+            "parent_task_id": parent_task_id or get_parent(),
+            "used": used,
         }
+        if used is None:  # rare: one key less to set in the common case
+            del record["used"]
         self._run = run
         # Lines go straight to the run's workflow list, unless the task names another workflow.
         self._lines = run.lines if workflow_id is None or workflow_id == run.workflow_id else None
         self._ended = False
-        if used is not None:
-            record["used"] = used
         if (data is not None or subtype is not None or tags is not None or adapter_id is not None
                 or custom_metadata is not None or agent_id is not None or source_agent_id is not None
                 or campaign_id or hostname is not None):
@@ -98,17 +98,8 @@ class FlowceptTask:
                 if hostname is not None:
                     record["hostname"] = hostname
                 self._lines = None
-        if capture_telemetry is None:
-            telemetry = run.telemetry
-        elif capture_telemetry:
-            telemetry = run.telemetry
-            if telemetry is None:
-                from flowcept.telemetry import ensure_capture
-
-                telemetry = ensure_capture()
-        else:
-            telemetry = None
-        self._telemetry = telemetry
+        self._telemetry = telemetry = run.telemetry if capture_telemetry is None else _telemetry_for(
+            run, capture_telemetry)
         if telemetry is not None:
             record["telemetry_at_start"] = telemetry.capture()
         if (generated is not None or ended_at is not None or stdout is not None or stderr is not None
@@ -118,18 +109,20 @@ class FlowceptTask:
 
     def __enter__(self) -> FlowceptTask:
         record = self._record
-        if record is not None:
-            self._token = current_task_id.set(record["task_id"])
+        # Set here, not in __init__: a task never entered has no token to reset.
+        self._token = set_parent(record["task_id"]) if record is not None else None
         return self
 
     def __exit__(self, exc_type, exc_val, exc_tb) -> bool:
-        token = self._token
+        try:
+            token = self._token
+        except AttributeError:  # __exit__ without __enter__
+            token = None
         if token is not None:
             try:
-                current_task_id.reset(token)
-            except ValueError:  # exited in another context (generators, threads)
+                reset_parent(token)
+            except (ValueError, RuntimeError):  # exited in another context, or exited twice
                 pass
-            self._token = None
         if not self._ended:
             if exc_type is not None:
                 self.end(stderr=_error_text(exc_type, exc_val), status=Status.ERROR)
@@ -168,7 +161,14 @@ class FlowceptTask:
             # Pipeline.append_parts without its list lookup: serialise what varies, splice the
             # run's constant tail.
             if self._telemetry is None:
-                lines.append(splice_line(record, run.suffix, run.rest))
+                try:  # splice_line, inlined
+                    body = _dumps(record, default=_fallback, option=FAST_OPTIONS)
+                except Exception:
+                    body = None
+                if body is not None and len(body) <= run.limit:
+                    lines.append(body[:-1] + run.suffix)
+                else:
+                    lines.append(splice_line(record, run.suffix, run.rest))
             else:
                 lines.append(_telemetry_line(record, self._telemetry, run))
             if not len(lines) % run.flush_size:
@@ -244,6 +244,17 @@ def _telemetry_line(record: Dict[str, Any], telemetry: Any, run: Any) -> bytes:
             if body is not None and len(body) <= run.limit:
                 return body[:-1] + run.suffix
     return splice_line(record, run.suffix, run.rest)
+
+
+def _telemetry_for(run: Any, capture_telemetry: bool) -> Any:
+    """The telemetry source of a task that said whether it wants telemetry (None: it does not)."""
+    if not capture_telemetry:
+        return None
+    if run.telemetry is not None:
+        return run.telemetry
+    from flowcept.telemetry import ensure_capture
+
+    return ensure_capture()
 
 
 def _error_text(exc_type: Any, exc_val: Any) -> str:

@@ -81,7 +81,39 @@ def test_context_manager_success_and_parenting():
         records = flowcept.get_buffer()
     assert _one(records, "inner")["parent_task_id"] == _one(records, "outer")["task_id"]
     assert _one(records, "outer")["status"] == "FINISHED"
-    assert _one(records, "after").get("parent_task_id") is None
+    assert "parent_task_id" not in _one(records, "after")  # None fields are left out, as the reference does
+
+
+def test_root_tasks_of_every_kind_have_no_parent_key_and_nested_ones_do():
+    from flowcept import flowcept_task
+    from flowcept.instrumentation.flowcept_loop import FlowceptLoop
+
+    @flowcept_task
+    def simple(x):  # the compiled wrapper
+        return x
+
+    @flowcept_task
+    def general(*values):  # the general wrapper
+        return len(values)
+
+    with Flowcept() as flowcept:
+        simple(1)
+        general(1, 2)
+        for _ in FlowceptLoop(2, loop_name="roots"):
+            pass
+        with FlowceptTask(activity_id="top") as top:
+            simple(2)
+            general(3)
+            for _ in FlowceptLoop(1, loop_name="nested"):
+                pass
+        records = flowcept.get_buffer()
+    tasks = [r for r in records if r["type"] == "task"]
+    roots = [r for r in tasks if r["activity_id"] in ("top", "roots", "roots_iteration")]
+    roots += [r for r in tasks if r["activity_id"] in ("simple", "general")
+              and r["used"] in ({"x": 1}, {"values": [1, 2]})]
+    assert len(roots) == 6 and all("parent_task_id" not in r for r in roots), roots
+    nested = [r for r in tasks if r["activity_id"] in ("simple", "general", "nested") and r not in roots]
+    assert len(nested) == 3 and all(r["parent_task_id"] == top.get_id() for r in nested), nested
 
 
 def test_context_manager_protocol_edges():

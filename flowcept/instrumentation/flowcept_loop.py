@@ -138,6 +138,8 @@ class FlowceptLoop:
         # times and ``used`` are serialised per iteration (Pipeline.append_parts).
         rest = {"activity_id": self._activity_id, "subtype": self._subtype, "group_id": loop_id,
                 "parent_task_id": parent, "status": "FINISHED", **run.rest}
+        if parent is None:  # None fields are left out of records
+            del rest["parent_task_id"]
         suffix = capture.constant_suffix(rest)
         prefix, counter = _ids.prefix, _ids.counter
         self._started_at = started_at = time()
@@ -243,12 +245,15 @@ class FlowceptLoop:
                 append(full)
                 index += 1
             self._current = None
-            append({
+            loop_record = {
                 "type": "task", "task_id": loop_id, "workflow_id": workflow_id,
                 "activity_id": self.loop_name, "subtype": "loop", "parent_task_id": parent,
                 "started_at": self._started_at, "ended_at": ended_at, "status": status,
                 "used": {"items_length": self._length}, "generated": {"iterations": index}, **run.rest,
-            })
+            }
+            if parent is None:
+                del loop_record["parent_task_id"]
+            append(loop_record)
 
 
 _SCALARS = frozenset({int, float, bool, type(None)})

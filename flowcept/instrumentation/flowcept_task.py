@@ -110,8 +110,10 @@ def _fc_make(_fc_fn, _fc_slow, _fc_capture, _fc_time, _fc_cv, _fc_ids, _fc_splic
             return _fc_slow({call})
         _fc_id = _fc_ids.prefix + str(next(_fc_ids.counter))
         _fc_record = {{"type": "task", "task_id": _fc_id, "workflow_id": _fc_run.workflow_id,
-                      "activity_id": _fc_activity, "started_at": _fc_time(),
-                      "parent_task_id": _fc_cv.get(), "used": {{{used}}}}}
+                      "activity_id": _fc_activity, "started_at": _fc_time(), "used": {{{used}}}}}
+        _fc_parent = _fc_cv.get()
+        if _fc_parent is not None:
+            _fc_record["parent_task_id"] = _fc_parent
         _fc_token = _fc_cv.set(_fc_id)
         try:
             _fc_result = _fc_fn({call})
@@ -215,8 +217,10 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
             task_id = _ids.prefix + str(next(_ids.counter))
             # type, task_id, workflow_id lead every task line (consolidation relies on it).
             record = {"type": "task", "task_id": task_id, "workflow_id": run.workflow_id,
-                      "activity_id": activity_id, "started_at": time(),
-                      "parent_task_id": get_parent(), "used": used}
+                      "activity_id": activity_id, "started_at": time(), "used": used}
+            parent = get_parent()
+            if parent is not None:
+                record["parent_task_id"] = parent
             splice = run.splice
             if "workflow_id" in used or "campaign_id" in used:
                 workflow_id = used.pop("workflow_id", None)
@@ -292,8 +296,10 @@ def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> C
                     return wrapper(*args, **kwargs)
                 task_id = _ids.prefix + str(next(_ids.counter))
                 record = {"type": "task", "task_id": task_id, "workflow_id": run.workflow_id,
-                          "activity_id": activity_id, "started_at": time(),
-                          "parent_task_id": get_parent(), "used": used}
+                          "activity_id": activity_id, "started_at": time(), "used": used}
+                parent = get_parent()
+                if parent is not None:
+                    record["parent_task_id"] = parent
                 token = set_parent(task_id)
                 try:
                     result = function(*args, **kwargs)

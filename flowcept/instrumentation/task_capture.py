@@ -66,11 +66,13 @@ class FlowceptTask:
             "workflow_id": workflow_id or run.workflow_id,
             "activity_id": activity_id,
             "started_at": started_at or time(),
-            "parent_task_id": parent_task_id or get_parent(),
             "used": used,
         }
         if used is None:  # rare: one key less to set in the common case
             del record["used"]
+        parent_task_id = parent_task_id or get_parent()
+        if parent_task_id is not None:  # a root task has none: the key is left out, as None fields are
+            record["parent_task_id"] = parent_task_id
         self._run = run
         # Lines go straight to the run's workflow list, unless the task names another workflow.
         self._lines = run.lines if workflow_id is None or workflow_id == run.workflow_id else None

@@ -401,6 +401,9 @@ def splice_line(record: dict, suffix: bytes, rest: dict) -> bytes:
 # -- the process-wide pipeline ------------------------------------------------------------------
 
 _pipeline: Optional[Pipeline] = None
+# The pipeline shutdown_pipeline() is closing: a signal arriving meanwhile (a multiprocessing
+# pool's terminate() reaching a worker in its exit hook) must still flush it.
+_closing: Optional[Pipeline] = None
 _pipeline_lock = threading.Lock()
 _factory: Optional[Callable[[], Pipeline]] = None
 
@@ -430,11 +433,25 @@ def get_pipeline(create: bool = True) -> Optional[Pipeline]:
 
 def shutdown_pipeline() -> None:
     """Flush and close the pipeline of this process, if it has one (idempotent)."""
-    global _pipeline
+    global _pipeline, _closing
     with _pipeline_lock:
         pipeline, _pipeline = _pipeline, None
     if pipeline is not None and pipeline.pid == os.getpid():
-        pipeline.shutdown()
+        _closing = pipeline
+        try:
+            pipeline.shutdown()
+        finally:
+            _closing = None
+
+
+def _pipeline_to_flush() -> Optional[Pipeline]:
+    """The pipeline a signal must flush: the current one, or the one shutdown_pipeline() is closing."""
+    pipeline = get_pipeline(create=False)
+    if pipeline is None:
+        closing = _closing
+        if closing is not None and closing.pid == os.getpid():
+            return closing
+    return pipeline
 
 
 def flush_pipeline(durable: bool = False) -> None:
@@ -581,7 +598,7 @@ class _Critical:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    pipeline = get_pipeline(create=False)
+    pipeline = _pipeline_to_flush()
     if pipeline is not None and threading.get_ident() in pipeline.critical_threads:
         pipeline.deferred_signal = (signum, frame)  # acted upon when that flush ends (_Critical)
         return

@@ -40,3 +40,13 @@ def test_multiprocessing_fork_children_lose_nothing(flowcept_tmp):
     assert counts == {"parent": 1, "mp_child": 4 * 30}, counts
     assert len({r["task_id"] for r in tasks}) == len(tasks)
     assert len({r["pid"] for r in tasks}) == 5
+
+
+def test_multiprocessing_pool_terminated_at_exit_loses_nothing(flowcept_tmp):
+    """Leaving ``with Pool()`` terminates the workers: SIGTERM may reach one while its exit hook
+    closes its pipeline; it must still write what it captured."""
+    run_app("mp_fork_child.py", "mppool", "2", "100", "pool", "5")
+    records = Flowcept.read_buffer_file(consolidate=True, workflow_id="mppool")
+    done = Counter((r["used"]["round_index"], r["used"]["i"]) for r in tasks_of(records)
+                   if r["activity_id"] == "work")
+    assert len(done) == 5 * 100 and set(done.values()) == {1}, (len(done), 5 * 100)

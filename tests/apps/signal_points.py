@@ -3,6 +3,8 @@
 argv: point out_dir. Points:
   loop-end-take  SIGTERM while a finishing loop hands its last iterations over (its batch lock held)
   loop-build     SIGINT while the loop turns a full chunk of iterations into JSONL in its own thread
+  exit-shutdown  SIGTERM while the process, leaving without stop(), closes its pipeline in its exit
+                 hook (what a multiprocessing pool's terminate() does to a worker that is exiting)
 The signal is sent by wrapping the step (the wrapper calls the real one); what the process leaves in
 its files is what a signal at that instant leaves.
 """
@@ -11,13 +13,25 @@ import os
 import signal
 import sys
 
-from flowcept import Flowcept
+from flowcept import Flowcept, FlowceptTask, buffer
 from flowcept.instrumentation import flowcept_loop
 
 point, out_dir = sys.argv[1], sys.argv[2]
 os.environ["FLOWCEPT_PROJECT_DUMP_BUFFER_PATH"] = os.path.join(out_dir, "flowcept_buffer.jsonl")
 os.environ["FLOWCEPT_PROJECT_DUMP_BUFFER_FLUSH_INTERVAL_S"] = "60"
 signal.alarm(30)  # a hang ends as SIGALRM, which the test reports
+if point == "exit-shutdown":
+    real_shutdown = buffer.Pipeline.shutdown
+
+    def shutdown_with_a_signal(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before the real shutdown's first line
+        return real_shutdown(self, *args, **kwargs)
+
+    buffer.Pipeline.shutdown = shutdown_with_a_signal
+    Flowcept(workflow_id=f"pt-{point}").start()
+    for i in range(100):
+        FlowceptTask(activity_id="before_exit", used={"i": i}, generated={"ok": True})
+    sys.exit(0)  # no stop(): the exit hook closes the pipeline
 step = "_take_entries" if point == "loop-end-take" else "build"
 real = getattr(flowcept_loop._IterationBatch, step)
 sent = []

@@ -224,3 +224,26 @@ def test_compiled_wrapper_keeps_the_call_semantics():
     outer.stop()
     recs = by_activity(inner.get_buffer(), "stops_the_run") + by_activity(outer.get_buffer(), "stops_the_run")
     assert len(recs) == 1 and recs[0]["generated"] == {"done": True}
+
+
+def test_parameters_named_like_builtins():
+    """Parameters may shadow any builtin the wrapper itself uses (type, str, next, len, ...)."""
+
+    @flowcept_task
+    def make(type, n=1):  # noqa: A002 - the point of the test
+        return {"made": f"{type}x{n}"}
+
+    @flowcept_task
+    def shadow_all(str, next, len, dict, BaseException, ValueError):  # noqa: A002, N803
+        return [str, next, len, dict, BaseException, ValueError]
+
+    with Flowcept() as fc:
+        assert make("x", 2) == {"made": "xx2"}
+        assert shadow_all(1, 2, 3, 4, 5, 6) == [1, 2, 3, 4, 5, 6]
+        with pytest.raises(TypeError, match="make"):
+            make()
+        records = fc.get_buffer()
+    made = by_activity(records, "make")
+    assert len(made) == 1 and made[0]["used"] == {"type": "x", "n": 2} and made[0]["generated"] == {"made": "xx2"}
+    shadow = by_activity(records, "shadow_all")
+    assert len(shadow) == 1 and shadow[0]["generated"] == {"arg_0": [1, 2, 3, 4, 5, 6]}

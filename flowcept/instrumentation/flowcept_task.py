@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import keyword
 import sys
 from time import time
 from typing import Any, Callable, Dict, Optional, Sequence, Union
@@ -97,18 +98,19 @@ def _generated(result: Any, output_names: Union[None, str, Sequence[str]]) -> Op
 
 # The body of a wrapper compiled for one signature (see _compiled_wrapper). Python binds the
 # arguments itself (C speed, its own error messages) and ``used`` is one dict display: no
-# *args/**kwargs packing, no binder call. Every local name starts with _fc_, which no
-# parameter of a compiled function may.
+# *args/**kwargs packing, no binder call. Every name it uses starts with _fc_, which no
+# parameter of a compiled function may: builtins too (a parameter may be called ``type``).
 _WRAPPER_TEMPLATE = """
 def _fc_make(_fc_fn, _fc_slow, _fc_capture, _fc_time, _fc_cv, _fc_ids, _fc_splice_line, _fc_full_record,
-             _fc_finish, _fc_generated, _fc_activity, _fc_output_names, _fc_defaults):
+             _fc_finish, _fc_generated, _fc_activity, _fc_output_names, _fc_defaults, _fc_builtins):
+    _fc_str, _fc_next, _fc_type, _fc_dict, _fc_len, _fc_BaseException, _fc_ValueError = _fc_builtins
     {unpack_defaults}
     def {name}({params}):
         _fc_run = _fc_capture.state
         _fc_lines = _fc_run.lines
         if _fc_lines is None or _fc_run.telemetry is not None:
             return _fc_slow({call})
-        _fc_id = _fc_ids.prefix + str(next(_fc_ids.counter))
+        _fc_id = _fc_ids.prefix + _fc_str(_fc_next(_fc_ids.counter))
         _fc_record = {{"type": "task", "task_id": _fc_id, "workflow_id": _fc_run.workflow_id,
                       "activity_id": _fc_activity, "started_at": _fc_time(), "used": {{{used}}}}}
         _fc_parent = _fc_cv.get()
@@ -117,21 +119,21 @@ def _fc_make(_fc_fn, _fc_slow, _fc_capture, _fc_time, _fc_cv, _fc_ids, _fc_splic
         _fc_token = _fc_cv.set(_fc_id)
         try:
             _fc_result = _fc_fn({call})
-        except BaseException as _fc_error:
+        except _fc_BaseException as _fc_error:
             _fc_finish(_fc_record, _fc_token, None, _fc_run.splice, _fc_run, None, _fc_error)
             raise
         try:
             _fc_cv.reset(_fc_token)
-        except ValueError:
+        except _fc_ValueError:
             pass
         _fc_record["ended_at"] = _fc_time()
         _fc_record["status"] = "FINISHED"
         if _fc_result is not None:
-            _fc_record["generated"] = (_fc_result if type(_fc_result) is dict
+            _fc_record["generated"] = (_fc_result if _fc_type(_fc_result) is _fc_dict
                                        else _fc_generated(_fc_result, _fc_output_names))
         if _fc_capture.state is _fc_run:
             _fc_lines.append(_fc_splice_line(_fc_record, _fc_run.suffix, _fc_run.rest))
-            if not len(_fc_lines) % _fc_run.flush_size:
+            if not _fc_len(_fc_lines) % _fc_run.flush_size:
                 _fc_run.pipeline.full(_fc_lines)
         else:
             _fc_capture.state.append(_fc_full_record(_fc_record, _fc_run))
@@ -159,7 +161,9 @@ def _compiled_wrapper(function: Callable, slow: Callable, activity_id: str, outp
     if any(p.kind not in kinds or p.name.startswith("_fc_") or not p.name.isidentifier()
            or p.name in ("workflow_id", "campaign_id") for p in params):
         return None
-    name = function.__name__ if function.__name__.isidentifier() else "wrapper"
+    name = function.__name__
+    if not name.isidentifier() or name.startswith("_fc_") or keyword.iskeyword(name):
+        name = "wrapper"
     defaults = [p.default for p in params if p.default is not p.empty]
     declared, passed = [], []
     index = 0
@@ -184,7 +188,8 @@ def _compiled_wrapper(function: Callable, slow: Callable, activity_id: str, outp
     except SyntaxError:  # pragma: no cover - names were checked above
         return None
     return namespace["_fc_make"](function, slow, capture, time, current_task_id, _ids, splice_line, full_record,
-                                 finish, _generated, activity_id, output_names, defaults)
+                                 finish, _generated, activity_id, output_names, defaults,
+                                 (str, next, type, dict, len, BaseException, ValueError))
 
 
 def flowcept_task(func: Optional[Callable] = None, **decorator_kwargs: Any) -> Callable:

@@ -116,6 +116,20 @@ def test_root_tasks_of_every_kind_have_no_parent_key_and_nested_ones_do():
     assert len(nested) == 3 and all(r["parent_task_id"] == top.get_id() for r in nested), nested
 
 
+def test_zero_timestamps_are_kept_and_end_without_status_finishes():
+    with Flowcept() as flowcept:
+        FlowceptTask(activity_id="epoch", started_at=0.0, ended_at=0.0)
+        task = FlowceptTask(activity_id="plain", started_at=0)
+        task.end(ended_at=0, status=None)
+        FlowceptTask(activity_id="failed", status=Status.ERROR)
+        records = flowcept.get_buffer()
+    epoch = _one(records, "epoch")
+    assert epoch["started_at"] == 0.0 and epoch["ended_at"] == 0.0 and epoch["status"] == "FINISHED"
+    plain = _one(records, "plain")
+    assert plain["started_at"] == 0 and plain["ended_at"] == 0 and plain["status"] == "FINISHED"
+    assert _one(records, "failed")["status"] == "ERROR"
+
+
 def test_context_manager_protocol_edges():
     """No ``used`` key without inputs; exiting twice, or without entering, neither raises nor leaks a parent."""
     with Flowcept() as flowcept:

@@ -65,7 +65,7 @@ class FlowceptTask:
             "task_id": task_id or _ids.prefix + str(next(_ids.counter)),
             "workflow_id": workflow_id or run.workflow_id,
             "activity_id": activity_id,
-            "started_at": started_at or time(),
+            "started_at": started_at if started_at is not None else time(),
             "used": used,
         }
         if used is None:  # rare: one key less to set in the common case
@@ -134,14 +134,14 @@ class FlowceptTask:
 
     def end(self, generated: Optional[Dict] = None, ended_at: Optional[float] = None,
             stdout: Optional[str] = None, stderr: Optional[str] = None, data: Any = None,
-            custom_metadata: Optional[Dict] = None, status: Optional[Status] = Status.FINISHED) -> None:
-        """Finalise the task (once) and send it; later calls are ignored."""
+            custom_metadata: Optional[Dict] = None, status: Optional[Status] = None) -> None:
+        """Finalise the task (once) and send it; later calls are ignored. No status means FINISHED."""
         if self._ended:
             return
         self._ended = True
         record = self._record
-        record["ended_at"] = ended_at or time()
-        record["status"] = (_FINISHED if status is _FINISHED_STATUS or status is None
+        record["ended_at"] = ended_at if ended_at is not None else time()
+        record["status"] = (_FINISHED if status is None or status is _FINISHED_STATUS
                             else _status_text(status))
         if generated is not None:
             record["generated"] = generated

@@ -255,6 +255,24 @@ def test_get_buffer_dataframe_and_dump(buffer_base, flowcept_tmp):
     assert tasks_of(Flowcept.read_buffer_file(str(flowcept_tmp / "again.jsonl")))
 
 
+@pytest.mark.parametrize("consolidate_on_stop", ["true", "false"])
+def test_buffer_after_stop_holds_one_workflow_record(flowcept_tmp, monkeypatch, consolidate_on_stop):
+    """get_buffer() and dump_buffer() after stop(): the start and end merged, as the files give it."""
+    monkeypatch.setenv("FLOWCEPT_PROJECT_CONSOLIDATE_ON_STOP", consolidate_on_stop)
+    with Flowcept(workflow_name="one_record") as flowcept:
+        FlowceptTask(activity_id="t", used={"n": 1}, generated={"m": 2})
+    records = flowcept.get_buffer()
+    workflows = [r for r in records if r["type"] == "workflow"]
+    assert len(workflows) == 1, workflows
+    assert workflows[0]["status"] == "FINISHED" and workflows[0]["name"] == "one_record"
+    assert workflows[0]["ended_at"] >= workflows[0]["started_at"]
+    target = flowcept_tmp / "dumped_one.jsonl"
+    flowcept.dump_buffer(str(target))
+    assert [r["status"] for r in Flowcept.read_buffer_file(str(target)) if r["type"] == "workflow"] == ["FINISHED"]
+    from_files = Flowcept.read_buffer_file(consolidate=True, workflow_id=flowcept.current_workflow_id)
+    assert [r for r in from_files if r["type"] == "workflow"] == workflows
+
+
 def test_delete_buffer_file(flowcept_tmp):
     target = flowcept_tmp / "x.jsonl"
     target.write_text("{}\n")

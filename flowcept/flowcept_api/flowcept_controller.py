@@ -23,6 +23,7 @@ from flowcept.consolidation import (
     consolidate,
     consolidated_path,
     find_sources,
+    merge_workflow_records,
     read_jsonl,
     read_records,
     workflow_start_line,
@@ -410,6 +411,7 @@ class Flowcept:
             records = pipeline.view.get(self.current_workflow_id)
         if records is None or (pipeline is None and self.current_workflow_id):
             records = self._records_from_files()
+        records = _one_record_per_workflow(records)
         if return_df:
             return _to_dataframe(records, normalize=True)
         return records
@@ -607,6 +609,19 @@ def _dedup(records: List[dict]) -> List[dict]:
             seen.add(key)
         out.append(record)
     return out + list(workflows.values())
+
+
+def _one_record_per_workflow(records: List[dict]) -> List[dict]:
+    """A workflow's start and end records merged into one, placed last as consolidation writes it."""
+    workflows: Dict[Any, List[dict]] = {}
+    for record in records:
+        if record.get("type") == "workflow":
+            workflows.setdefault(record.get("workflow_id"), []).append(record)
+    if all(len(group) == 1 for group in workflows.values()):
+        return records
+    out = [r for r in records if r.get("type") != "workflow" or len(workflows[r.get("workflow_id")]) == 1]
+    out.extend(merge_workflow_records(group) for group in workflows.values() if len(group) > 1)
+    return out
 
 
 def _to_dataframe(records: List[dict], normalize: bool) -> Any:

@@ -125,6 +125,23 @@ def test_plain_script_finds_its_tasks_after_the_with_block(mongo_env, tmp_path):
     assert db.tasks.count_documents({"workflow_id": out["wf"], "activity_id": "square"}) == 25
 
 
+def test_start_persistence_false_keeps_the_run_out_of_the_database(mongo_env, tmp_path):
+    proc = _run_flowcept_app(tmp_path, """
+        import json
+        from flowcept import Flowcept, FlowceptTask
+
+        with Flowcept(workflow_name="kept_out", start_persistence=False) as fc:
+            FlowceptTask(activity_id="t", used={"n": 1}, generated={"m": 1})
+        records = Flowcept.read_buffer_file(consolidate=True, workflow_id=fc.current_workflow_id)
+        print(json.dumps({"wf": fc.current_workflow_id, "on_disk": sum(r["type"] == "task" for r in records)}))
+        """, mongo_env)
+    out = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["on_disk"] == 1
+    db = _db(mongo_env)
+    assert db.tasks.count_documents({"workflow_id": out["wf"]}) == 0
+    assert db.workflows.count_documents({"workflow_id": out["wf"]}) == 0
+
+
 def test_load_workflow_from_files_is_idempotent(mongo_env, tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWCEPT_DATABASES_MONGODB_ENABLED", "false")  # the run writes files only
     proc = _run_flowcept_app(tmp_path, """

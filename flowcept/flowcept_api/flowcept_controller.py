@@ -108,7 +108,14 @@ def _build_pipeline(settings: Settings) -> Pipeline:
 
 
 class Flowcept:
-    """Main Flowcept controller: one instance per workflow run (see the seed API reference)."""
+    """Main Flowcept controller: one instance per workflow run (see the seed API reference).
+
+    ``start_persistence=False``: the run's records still go to the buffer files (``get_buffer``,
+    ``read_buffer_file`` and consolidation work as usual), but ``stop()`` does not load them
+    into the configured database (MongoDB); node daemons writing it live follow their own
+    ``daemon.sinks``. ``check_safe_stops`` is accepted for compatibility: ``stop()`` always
+    waits for this process's records to be written.
+    """
 
     _db = None
     current_workflow_id: Optional[str] = None
@@ -381,7 +388,7 @@ class Flowcept:
             self._send_workflow_end(pipeline, workflow_end)
         finally:
             coordinator.barrier(timeout_s)
-        if settings["databases.mongodb.enabled"]:
+        if settings["databases.mongodb.enabled"] and self.start_persistence:
             try:  # no daemon wrote MongoDB live: the root loads the workflow's files
                 from flowcept.sinks.mongodb import load_workflow
 

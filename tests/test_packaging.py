@@ -57,3 +57,11 @@ def test_capture_path_is_light(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"imported by a run: {out.stdout.strip()}"
+
+
+def test_all_extra_holds_every_feature_extra():
+    """``pip install flowcept[all]`` brings every optional feature the issues name."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    all_of = extras["all"][0].split("[", 1)[1].rstrip("]").split(",")
+    features = set(extras) - {"all", "test"}
+    assert features <= set(all_of), features - set(all_of)

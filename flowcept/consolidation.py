@@ -3,7 +3,10 @@
 Sources of a workflow ``W`` under the base path ``<dir>/<stem>.jsonl`` are:
 ``<stem>_W_<host>_<pid>.jsonl`` (per process), ``<stem>_W_node-<node>.jsonl`` (per node daemon)
 and an earlier ``<stem>_W.jsonl`` (so a second run is idempotent). A file is taken only when
-its records belong to ``W`` exactly (an id that merely shares a prefix stays out).
+its content says it is ``W``'s: its first complete record with a workflow id carries ``W``
+exactly (an id that merely shares a prefix stays out). Names are ambiguous (``<stem>_exp_3_vm_7``
+may be ``exp``'s or ``exp_3``'s), so a file with no such record is never merged nor removed,
+only reported (``MergeReport.skipped``).
 
 Merging takes two streaming passes. The first reads each source in 2 MiB blocks and finds, with
 one regex pass and no JSON parsing, the runs of our own canonical task and telemetry lines of
@@ -60,6 +63,9 @@ class MergeReport:
     bad_lines: List[Tuple[str, int]] = field(default_factory=list)
     removed: List[str] = field(default_factory=list)
     kept_live: List[str] = field(default_factory=list)
+    # (path, reason): files named like a source with no record naming their workflow; never
+    # merged nor removed (their name may be another workflow's: see find_sources)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
     elapsed_s: float = 0.0
 
 
@@ -132,7 +138,10 @@ def consolidated_path(base_path: str, workflow_id: str, output_format: str = "js
 
 
 def _first_workflow_id(path: str) -> Optional[str]:
-    """The workflow id of the first parsable record of a file (None if it has none)."""
+    """The workflow id of the first complete record that carries one (None if no record does).
+
+    A torn line does not parse, so it is no evidence, even when its head names a workflow.
+    """
     try:
         with open(path, "rb") as handle:
             for line in handle:
@@ -147,23 +156,76 @@ def _first_workflow_id(path: str) -> Optional[str]:
     return None
 
 
-def find_sources(base_path: str, workflow_id: str, include_output: bool = True) -> List[str]:
-    """Every file holding records of exactly ``workflow_id`` under ``base_path``."""
+# The tail of a source's name after ``<stem>_<workflow>_``: ``<host>_<pid>`` (a process) or
+# ``node-<node>`` (a node daemon). Hosts and node names may hold ``_`` (safe_name keeps it).
+_PROCESS_TAIL = re.compile(r".+_[0-9]+")
+_NODE_TAIL = re.compile(r"node-.+")
+
+
+def _is_source_tail(tail: str) -> bool:
+    return bool(_PROCESS_TAIL.fullmatch(tail) or _NODE_TAIL.fullmatch(tail))
+
+
+def name_readings(tail: str) -> List[str]:
+    """Every workflow-name suffix ``x`` such that ``<stem>_W<x>_<tail'>`` reads as a source name.
+
+    ``tail`` is what follows ``<stem>_W_``; ``""`` in the result is the reading as W's own file,
+    ``"_3"`` the reading as a file of workflow ``W_3`` (a process on host ``vm``, for the tail
+    ``3_vm_7``). A name is W's alone when the result is exactly ``[""]``.
+    """
+    readings = [""] if _is_source_tail(tail) else []
+    for cut in range(1, len(tail)):
+        if tail[cut] == "_" and _is_source_tail(tail[cut + 1:]):
+            readings.append("_" + tail[:cut])
+    return readings
+
+
+def find_sources(base_path: str, workflow_id: str, include_output: bool = True,
+                 skipped: Optional[List[Tuple[str, str]]] = None) -> List[str]:
+    """Every file holding records of exactly ``workflow_id`` under ``base_path``.
+
+    A file ``<stem>_W_*`` is a source only when its content confirms W: the first complete
+    record carrying a workflow id carries W itself. Its name cannot decide: ``<stem>_exp_3_vm_7``
+    is a process of ``exp`` on host ``3_vm`` or one of ``exp_3`` on host ``vm``. A file with no
+    such record (empty, only a torn line, only records without a workflow id) is not a source,
+    so consolidation never merges nor removes it; it is appended to ``skipped`` as (path, reason).
+    """
     directory, stem, suffix = split_base_path(base_path)
     wf = safe_name(workflow_id)
     output = os.path.join(directory, f"{stem}_{wf}{suffix}")
-    candidates = sorted(glob.glob(os.path.join(glob.escape(directory), glob.escape(f"{stem}_{wf}_") + "*"
+    head = f"{stem}_{wf}_"
+    candidates = sorted(glob.glob(os.path.join(glob.escape(directory), glob.escape(head) + "*"
                                                + glob.escape(suffix))))
     sources = []
     for path in candidates:
-        if path.endswith(".tmp") or os.path.basename(path).startswith("."):
+        name = os.path.basename(path)
+        if path.endswith(".tmp") or name.startswith("."):
             continue
         found = _first_workflow_id(path)
-        if found is None or found == workflow_id:
+        if found == workflow_id:
             sources.append(path)
+        elif found is None and skipped is not None:
+            skipped.append((path, _unattributed_reason(path, wf, name[len(head):len(name) - len(suffix)])))
     if include_output and os.path.exists(output):
         sources.insert(0, output)
     return sources
+
+
+def _unattributed_reason(path: str, wf: str, tail: str) -> str:
+    """Why a file with no record naming its workflow was left alone (for the report)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0
+    what = "empty" if size == 0 else "no complete record with a workflow id (torn or untagged lines only)"
+    others = [wf + x for x in name_readings(tail) if x]
+    if "" not in name_readings(tail):
+        whose = "its name is not a source name of this workflow"
+    elif others:
+        whose = "its name also reads as a file of workflow " + ", ".join(repr(o) for o in others)
+    else:
+        whose = "its name is only this workflow's, but nothing in it can be merged"
+    return f"{what}; {whose}: left in place"
 
 
 # -- locks ------------------------------------------------------------------------------------------
@@ -832,15 +894,20 @@ def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", 
     report = MergeReport(output_path=output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with _MergeLock(output):
-        sources = find_sources(base_path, workflow_id)
+        sources = find_sources(base_path, workflow_id, skipped=report.skipped)
+        if report.skipped:
+            logger.warning("consolidation of %s left %d file(s) it cannot attribute in place: %s", workflow_id,
+                           len(report.skipped), "; ".join(f"{p} ({why})" for p, why in report.skipped[:5]))
         if os.path.exists(output) and output not in sources:
             sources.insert(0, output)  # an earlier HDF5 output: a second run is idempotent
         for extra in extra_sources or ():
             if extra not in sources and os.path.exists(extra):
                 sources.append(extra)
         if not sources:
+            unattributed = (f" ({len(report.skipped)} file(s) named like it hold no record of it)"
+                            if report.skipped else "")
             raise FileNotFoundError(
-                f"no Flowcept files of workflow '{workflow_id}' next to {os.path.abspath(base_path)}")
+                f"no Flowcept files of workflow '{workflow_id}' next to {os.path.abspath(base_path)}{unattributed}")
         report.sources = list(sources)
         if (output_format == "jsonl" and cleanup_files and not order_by_time and len(sources) == 1
                 and sources[0] != output and _is_unlocked(sources[0])

@@ -4,6 +4,10 @@ The fast path is one ``orjson.dumps`` call. Values orjson cannot take (objects, 
 integers past 64 bits, numpy scalars of odd kinds, non-string keys it refuses) go through
 ``_fallback``; a record that still fails is rebuilt value by value by ``sanitize`` so only the
 bad value is replaced. Values larger than ``max_value_bytes`` are replaced by a summary.
+
+Both paths write a value the same way, so a record's line does not depend on whether another
+value of it needed repair: NaN and +/-inf become ``null`` (as orjson writes them, and as strict
+JSON readers need), and non-string keys become the strings orjson's ``OPT_NON_STR_KEYS`` makes.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def sanitize(value: Any, depth: int = 0) -> Any:
     if isinstance(value, int):
         return value if -(2**63) <= value < 2**64 else str(value)
     if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
+        return value if math.isfinite(value) else None  # as orjson writes NaN/inf: null
     if isinstance(value, dict):
         return {_key(k): sanitize(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -96,8 +100,17 @@ def sanitize(value: Any, depth: int = 0) -> Any:
 
 
 def _key(key: Any) -> str:
+    """A non-string key as orjson's OPT_NON_STR_KEYS writes it, so both paths agree.
+
+    None -> "null", True -> "true", NaN -> "null", datetimes in ISO form, enums by value; keys
+    orjson refuses (tuples, objects) -> ``str(key)``.
+    """
     if isinstance(key, str):
         return key
+    try:
+        return next(iter(orjson.loads(orjson.dumps({key: None}, option=_OPTIONS))))
+    except Exception:
+        pass
     try:
         return str(key)
     except Exception:

@@ -194,3 +194,76 @@ def test_transport_vouches_only_for_what_it_wrote(tmp_path: Path) -> None:
     transport.send("w2", b'{"a":3}\n', 1)
     assert transport.written("w2") is None
     transport.close()
+
+
+def test_a_file_its_content_does_not_attribute_is_neither_merged_nor_removed(flowcept_tmp: Path) -> None:
+    """``exp_3_vm_3`` reads as a process of ``exp`` (host ``3_vm``) or of ``exp_3`` (host ``vm``).
+
+    Its only line is torn, so nothing in it says whose it is: consolidating ``exp`` must leave it
+    (and ``exp_2``'s file) alone and say so in the report.
+    """
+    base = str(flowcept_tmp / "flowcept_buffer.jsonl")
+    _write(flowcept_tmp / "flowcept_buffer_exp_vm_1.jsonl", [_task("a1", "exp"), _task("a2", "exp")])
+    _write(flowcept_tmp / "flowcept_buffer_exp_2_vm_2.jsonl",
+           [{"type": "telemetry", "timestamp": 1.0}, _task("b1", "exp_2")])
+    ambiguous = flowcept_tmp / "flowcept_buffer_exp_3_vm_3.jsonl"
+    _write(ambiguous, [], tail=b'{"type":"task","task_id":"c1","workflow_id":"exp_3"')
+    _write(flowcept_tmp / "flowcept_buffer_exp_vm_4.jsonl", [_task("a1", "exp"), _task("a3", "exp")])
+    # exp's own process killed during its first write: the name is exp's alone, the content is nothing.
+    own_torn = flowcept_tmp / "flowcept_buffer_exp_vm_5.jsonl"
+    _write(own_torn, [], tail=b'{"type":"task","task_id":"a9","wor')
+    empty = flowcept_tmp / "flowcept_buffer_exp_node-n1.jsonl"
+    empty.write_bytes(b"")
+
+    report = consolidate(base, "exp")
+    records = read_records(report.output_path)
+    assert sorted(r["task_id"] for r in records) == ["a1", "a2", "a3"]
+    assert all(r["workflow_id"] == "exp" for r in records)
+    assert sorted(Path(p).name for p in report.sources) == ["flowcept_buffer_exp_vm_1.jsonl",
+                                                           "flowcept_buffer_exp_vm_4.jsonl"]
+    reasons = dict(report.skipped)
+    assert set(reasons) == {str(ambiguous), str(own_torn), str(empty)}
+    assert "'exp_3'" in reasons[str(ambiguous)] and "left in place" in reasons[str(ambiguous)]
+    assert "only this workflow's" in reasons[str(own_torn)]
+    assert reasons[str(empty)].startswith("empty")
+    assert not report.bad_lines  # the torn lines belong to files that were not merged
+    assert sorted(p.name for p in flowcept_tmp.glob("flowcept_buffer_*")) == [
+        "flowcept_buffer_exp.jsonl", "flowcept_buffer_exp_2_vm_2.jsonl", "flowcept_buffer_exp_3_vm_3.jsonl",
+        "flowcept_buffer_exp_node-n1.jsonl", "flowcept_buffer_exp_vm_5.jsonl"]
+    assert ambiguous.read_bytes().endswith(b'"workflow_id":"exp_3"')
+
+    # Once a complete record of exp_3 precedes the torn line, the file is exp_3's: exp leaves it
+    # out without a word, and exp_3 merges it (the torn line reported) and removes it.
+    _write(ambiguous, [_task("c2", "exp_3")], tail=b'{"type":"task","task_id":"c1","workflow_id":"exp_3"')
+    again = consolidate(base, "exp")
+    assert {p for p, _ in again.skipped} == {str(own_torn), str(empty)} and ambiguous.exists()
+    other = consolidate(base, "exp_3")
+    assert [r["task_id"] for r in read_records(other.output_path)] == ["c2"]
+    assert other.bad_lines == [(str(ambiguous), 2)] and not ambiguous.exists()
+
+
+def test_content_decides_even_after_records_without_a_workflow_id(flowcept_tmp: Path) -> None:
+    """A node file that starts with untagged telemetry is still a source once a record names W."""
+    from flowcept.consolidation import find_sources
+
+    path = flowcept_tmp / "flowcept_buffer_w_node-n1.jsonl"
+    _write(path, [{"type": "telemetry", "timestamp": 1.0}, _task("t1", "w")])
+    untagged = flowcept_tmp / "flowcept_buffer_w_node-n2.jsonl"
+    _write(untagged, [{"type": "telemetry", "timestamp": 1.0}])
+    skipped: List[tuple] = []
+    assert find_sources(str(flowcept_tmp / "flowcept_buffer.jsonl"), "w", skipped=skipped) == [str(path)]
+    assert [p for p, _ in skipped] == [str(untagged)]
+    # Without a record of W anywhere, the error says files were left unattributed.
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="hold no record of it"):
+        consolidate(str(flowcept_tmp / "flowcept_buffer.jsonl"), "w")
+    assert untagged.exists()
+
+
+@pytest.mark.parametrize("tail,readings", [
+    ("vm_1", [""]), ("node-h1", [""]), ("node-a_1", [""]), ("3_vm_3", ["", "_3"]),
+    ("vm_12_1", ["", "_vm"]), ("a_node-h1", ["_a"]), ("x", []), ("a_b_c_1", ["", "_a", "_a_b"])])
+def test_name_readings(tail: str, readings: List[str]) -> None:
+    from flowcept.consolidation import name_readings
+
+    assert name_readings(tail) == readings

@@ -73,3 +73,24 @@ def test_reading_needs_a_workflow_to_consolidate(monkeypatch):
     monkeypatch.setattr(flowcept_controller.Flowcept, "current_workflow_id", None)
     with pytest.raises(ValueError):
         Flowcept.read_buffer_file(consolidate=True)
+
+
+def test_consolidate_leaves_files_it_cannot_attribute(flowcept_tmp):
+    """The reviewer's case: a torn-only file whose name also reads as workflow exp_3's survives."""
+    import orjson
+
+    def write(name, records, tail=b""):
+        (flowcept_tmp / name).write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records) + tail)
+
+    write("flowcept_buffer_exp_vm_1.jsonl", [{"type": "task", "task_id": "a1", "workflow_id": "exp"},
+                                             {"type": "task", "task_id": "a2", "workflow_id": "exp"}])
+    write("flowcept_buffer_exp_2_vm_2.jsonl", [{"type": "telemetry", "ts": 1},
+                                               {"type": "task", "task_id": "b1", "workflow_id": "exp_2"}])
+    write("flowcept_buffer_exp_3_vm_3.jsonl", [], b'{"type":"task","task_id":"c1","workflow_id":"exp_3"')
+    write("flowcept_buffer_exp_vm_4.jsonl", [{"type": "task", "task_id": "a1", "workflow_id": "exp"},
+                                             {"type": "task", "task_id": "a3", "workflow_id": "exp"}])
+    records = Flowcept.read_buffer_file(consolidate=True, workflow_id="exp")
+    assert sorted((r["task_id"], r["workflow_id"]) for r in records) == [("a1", "exp"), ("a2", "exp"),
+                                                                         ("a3", "exp")]
+    assert sorted(os.listdir(flowcept_tmp)) == ["flowcept_buffer_exp.jsonl", "flowcept_buffer_exp_2_vm_2.jsonl",
+                                                "flowcept_buffer_exp_3_vm_3.jsonl"]

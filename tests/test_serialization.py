@@ -120,3 +120,45 @@ def test_dumps_never_raises_on_self_reference():
     a["self"] = a
     out = orjson.loads(serialization.dumps_line(a))
     assert out["task_id"] == "cyc"
+
+
+def _needs_sanitize(record: dict) -> bool:
+    try:
+        orjson.dumps(record, default=serialization._fallback, option=serialization._OPTIONS)
+        return False
+    except TypeError:
+        return True
+
+
+def test_nan_and_inf_are_null_on_the_sanitize_path_as_on_the_fast_path():
+    np = pytest.importorskip("numpy")
+    values = {"nan": float("nan"), "inf": math.inf, "ninf": -math.inf, "list": [1.0, float("nan")],
+              "np_nan": np.float64("nan"), "np32_inf": np.float32("inf"), "arr": np.array([np.nan, 2.0]),
+              "complex": complex(math.inf, 1.0), "keys": {None: 1, True: 2, 2.5: 3,
+                                                          datetime.date(2024, 1, 2): 4, Color.RED: 5}}
+    fast = {"type": "task", "task_id": "f", "used": dict(values, obj=Opaque())}
+    slow = {"type": "task", "task_id": "f", "used": dict(values, obj=Opaque(), bad={(1, 2): "tuple key"})}
+    assert not _needs_sanitize(fast) and _needs_sanitize(slow)
+    fast_out = orjson.loads(serialization.dumps_line(fast))["used"]
+    slow_out = orjson.loads(serialization.dumps_line(slow))["used"]
+    assert slow_out.pop("bad") == {"(1, 2)": "tuple key"}
+    assert slow_out == fast_out
+    assert slow_out["nan"] is None and slow_out["inf"] is None and slow_out["ninf"] is None
+    assert slow_out["list"] == [1.0, None] and slow_out["arr"] == [None, 2.0]
+    assert slow_out["np_nan"] is None and slow_out["np32_inf"] is None
+    assert slow_out["complex"] == {"real": None, "imag": 1.0}
+    assert slow_out["keys"] == {"null": 1, "true": 2, "2.5": 3, "2024-01-02": 4, "1": 5}
+    assert slow_out["obj"]["__flowcept_unserializable__"].endswith("Opaque")
+
+
+def test_written_lines_are_strict_json():
+    """No NaN/Infinity tokens on either path: a strict reader (json with parse_constant) accepts both."""
+    import json
+
+    def strict(text: str) -> dict:
+        def refuse(token: str) -> None:
+            raise ValueError(token)
+        return json.loads(text, parse_constant=refuse)
+
+    line = serialization.dumps_line({"type": "task", "task_id": "all", "used": poison_values(), (1, 2): "t"})
+    assert strict(line.decode())["used"]["nan"] is None

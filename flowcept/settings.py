@@ -5,17 +5,26 @@ Settings come from, in increasing priority: the built-in defaults below (they ne
 ``FLOWCEPT_*`` environment variable per key: the key in upper case with dots as underscores
 (``project.dump_buffer.path`` -> ``FLOWCEPT_PROJECT_DUMP_BUFFER_PATH``). They are read when
 ``Flowcept`` starts (``load_settings()``), never frozen at import. A wrong value raises
-:class:`SettingsError` naming the key.
+:class:`SettingsError` naming the key; so does a section that must be a mapping but is not. Unknown
+keys inside the sections Flowcept owns are kept (``Settings.extra``) and reported in one logged
+warning with the closest known key, unless the reference package (flowcept 1.0.3) has them, so a
+settings file written for it loads quietly.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+logger = logging.getLogger(__name__)
 
 SETTINGS_PATH_VARIABLE = "FLOWCEPT_SETTINGS_PATH"
 DEFAULT_SETTINGS_PATH = os.path.join("~", ".flowcept", "settings.yaml")
+#: File name used inside a directory given as project.dump_buffer.path.
+DEFAULT_BUFFER_FILE_NAME = "flowcept_buffer.jsonl"
+BUFFER_PATH_KEY = "project.dump_buffer.path"
 
 
 class SettingsError(ValueError):
@@ -43,9 +52,11 @@ KEYS: Tuple[Key, ...] = (
     # project: the in-process pipeline and its files
     Key("project.dump_buffer.enabled", True, "bool",
         "Stream records to per-process JSONL files as they flush (the embedded default)."),
-    Key("project.dump_buffer.path", "flowcept_buffer.jsonl", "str",
+    Key(BUFFER_PATH_KEY, DEFAULT_BUFFER_FILE_NAME, "str",
         "Base path: per-process files are <dir>/<stem>_<workflow_id>_<host>_<pid>.jsonl and the "
-        "consolidated file <dir>/<stem>_<workflow_id>.jsonl."),
+        "consolidated file <dir>/<stem>_<workflow_id>.jsonl. A path ending in a separator or naming "
+        "an existing directory means files go inside that directory, named from "
+        f"{DEFAULT_BUFFER_FILE_NAME}; a leading ~ is expanded; an empty path is an error."),
     Key("project.dump_buffer.delete_previous_file", False, "bool",
         "Delete the file at exactly project.dump_buffer.path when a Flowcept starts."),
     Key("project.dump_buffer.flush_interval_s", 0.5, "float",
@@ -173,7 +184,7 @@ def _convert(key: Key, value: Any, origin: str) -> Any:
             raise bad("a non-negative number")
         return number
     if kind == "str":
-        if value is None:
+        if value is None or isinstance(value, (dict, list, tuple)):
             raise bad("a string")
         return str(value)
     if kind == "list":
@@ -201,15 +212,105 @@ def _convert(key: Key, value: Any, origin: str) -> Any:
     raise AssertionError(f"unknown kind {kind}")  # a programming error in KEYS
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+#: Sections Flowcept owns: every proper prefix of a key (``project``, ``project.dump_buffer``, ...).
+SECTIONS = frozenset(k.name.rsplit(".", i)[0] for k in KEYS for i in range(1, k.name.count(".") + 1))
+
+#: Keys (or whole subtrees) inside our sections that the reference package (flowcept 1.0.3) reads
+#: or ships in its sample settings: we ignore them, quietly, so an old settings file loads as is.
+REFERENCE_KEYS = frozenset({
+    "project.json_serializer", "project.replace_non_json_serializable", "project.performance_logging",
+    "project.enrich_messages", "project.db_flush_mode",
+    "project.dump_buffer.append_id_to_path", "project.dump_buffer.append_workflow_id_to_path",
+    "instrumentation.torch",
+    "databases.lmdb",
+    "databases.mongodb.create_collection_index", "databases.mongodb.bin", "databases.mongodb.db_path",
+    "databases.mongodb.log_path", "databases.mongodb.lock_file_path",
+})
+
+
+def _known_to_reference(dotted: str) -> bool:
+    parts = dotted.split(".")
+    return any(".".join(parts[:i]) in REFERENCE_KEYS for i in range(1, len(parts) + 1))
+
+
+def _closest(dotted: str) -> Optional[str]:
+    """The known key or section a misspelt ``dotted`` most likely meant (siblings first)."""
+    import difflib  # only when a file has unknown keys: keeps `import flowcept` light
+
+    section, _, leaf = dotted.rpartition(".")
+    known = set(KEYS_BY_NAME) | SECTIONS
+    siblings = {name.rpartition(".")[2]: name for name in known if name.rpartition(".")[0] == section}
+    match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if match:
+        return siblings[match[0]]
+    elsewhere = sorted(name for name in known if not dotted.startswith(name + "."))  # not its own section
+    match = difflib.get_close_matches(dotted, elsewhere, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _flatten(tree: Dict[str, Any], origin: str, prefix: str = "",
+             unknown: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Flatten the file's tree to dotted keys; check the shape of the sections we own.
+
+    A section of ours that holds a scalar or list is an error (silently using the defaults would
+    hide it); an empty one (``project:`` with nothing under it) is fine. Keys inside our sections
+    that neither we nor the reference know are appended to ``unknown``; unknown top-level sections
+    belong to the user or to other tools and are kept without a word.
+    """
     flat: Dict[str, Any] = {}
     for name, value in tree.items():
         dotted = f"{prefix}{name}"
-        if isinstance(value, dict) and not any(k.name == dotted for k in KEYS):
-            flat.update(_flatten(value, dotted + "."))
-        else:
+        if dotted in KEYS_BY_NAME:
             flat[dotted] = value
+        elif dotted in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                example = next(k.name for k in KEYS if k.name.startswith(dotted + "."))
+                raise SettingsError(
+                    f"setting '{dotted}' (from {origin}) must be a mapping of keys (such as "
+                    f"'{example}'), got {value!r}")
+            flat.update(_flatten(value, origin, dotted + ".", unknown))
+        else:
+            if isinstance(value, dict) and value:
+                flat.update(_flatten(value, origin, dotted + "."))
+            else:
+                flat[dotted] = value
+            if prefix and unknown is not None and not _known_to_reference(dotted):
+                unknown.append(dotted)
     return flat
+
+
+#: (file, unknown keys) already reported in this process: load_settings runs at every start and
+#: in several helpers, and one warning per file is enough.
+_reported_unknown: Set[Tuple[str, Tuple[str, ...]]] = set()
+
+
+def _report_unknown(path: str, unknown: List[str]) -> None:
+    if not unknown or (path, tuple(unknown)) in _reported_unknown:
+        return
+    if not logger.isEnabledFor(logging.WARNING):
+        return  # logging is off now (log.log_stream_level): keep it for a load where it can be seen
+    _reported_unknown.add((path, tuple(unknown)))
+    described = []
+    for dotted in unknown:
+        guess = _closest(dotted)
+        described.append(f"{dotted} (did you mean {guess}?)" if guess else dotted)
+    logger.warning("settings file %s: unknown key%s ignored: %s", path, "s" if len(unknown) > 1 else "",
+                   ", ".join(described))
+
+
+def buffer_file_path(path: str) -> str:
+    """Return the base buffer path to use for ``path``: a directory gets the default file name.
+
+    Why: split_base_path takes the last component as the file stem, so ``/runs/w1/`` (or an
+    existing directory ``/runs/w1``) would put ``w1_<workflow_id>.jsonl`` files in ``/runs``.
+    """
+    path = os.path.expanduser(path)
+    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    if path.endswith(separators) or (path and os.path.isdir(path)):
+        return os.path.join(path, DEFAULT_BUFFER_FILE_NAME)
+    return path
 
 
 def settings_path(env: Optional[Dict[str, str]] = None) -> Optional[str]:
@@ -270,7 +371,9 @@ def load_settings(env: Optional[Dict[str, str]] = None, path: Optional[str] = No
             raise SettingsError(f"settings file '{path}' is not valid YAML: {error}") from None
         if not isinstance(tree, dict):
             raise SettingsError(f"settings file '{path}' must hold a mapping at top level")
-        file_values = _flatten(tree)
+        unknown: List[str] = []
+        file_values = _flatten(tree, f"settings file {path}", unknown=unknown)
+        _report_unknown(path, unknown)
     values: Dict[str, Any] = {}
     for key in KEYS:
         value = key.default
@@ -280,6 +383,12 @@ def load_settings(env: Optional[Dict[str, str]] = None, path: Optional[str] = No
         if key.env_var in env:
             value, origin = env[key.env_var], f"environment variable {key.env_var}"
         values[key.name] = _convert(key, value, origin) if value is not None or origin != "default" else None
+        if key.name == BUFFER_PATH_KEY:
+            if not values[key.name].strip():
+                raise SettingsError(f"setting '{key.name}' (from {origin}) must name a file or a directory, "
+                                    f"got an empty path")
+            # Resolved once here so per-process files, consolidation, read_buffer_file and the CLI agree.
+            values[key.name] = buffer_file_path(values[key.name])
     extra = {k: v for k, v in file_values.items() if k not in KEYS_BY_NAME}
     return Settings(values, path, extra)
 

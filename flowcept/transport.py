@@ -75,8 +75,10 @@ def safe_name(text: str) -> str:
 
 
 def split_base_path(base_path: str) -> Tuple[str, str, str]:
-    """Return (directory, stem, suffix) of the configured buffer path."""
-    directory, name = os.path.split(os.path.abspath(base_path))
+    """Return (directory, stem, suffix) of the configured buffer path (a directory: files inside it)."""
+    from flowcept.settings import buffer_file_path  # explicit paths (CLI --path) follow the setting's rule
+
+    directory, name = os.path.split(os.path.abspath(buffer_file_path(base_path)))
     stem, suffix = os.path.splitext(name)
     return directory, stem, suffix or ".jsonl"
 

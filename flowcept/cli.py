@@ -142,6 +142,8 @@ def consolidate(workflow_id: str, base_path: Optional[str], output_format: Optio
         click.echo(f"  {len(report.bad_lines)} torn or corrupt line(s) skipped")
     if report.kept_live:
         click.echo(f"  {len(report.kept_live)} file(s) still being written were kept")
+    for path, reason in report.skipped:
+        click.echo(f"  left in place, not merged: {path} ({reason})")
     if to_mongodb:
         from flowcept.sinks.mongodb import load_workflow
 

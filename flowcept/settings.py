@@ -286,18 +286,23 @@ def _flatten(tree: Dict[str, Any], origin: str, prefix: str = "",
 _reported_unknown: Set[Tuple[str, Tuple[str, ...]]] = set()
 
 
+class SettingsWarning(UserWarning):
+    """A settings file holds keys Flowcept does not know (most likely typos)."""
+
+
 def _report_unknown(path: str, unknown: List[str]) -> None:
+    """One warning per file: a ``warnings`` warning, shown whatever ``log.log_stream_level`` says."""
     if not unknown or (path, tuple(unknown)) in _reported_unknown:
         return
-    if not logger.isEnabledFor(logging.WARNING):
-        return  # logging is off now (log.log_stream_level): keep it for a load where it can be seen
     _reported_unknown.add((path, tuple(unknown)))
     described = []
     for dotted in unknown:
         guess = _closest(dotted)
         described.append(f"{dotted} (did you mean {guess}?)" if guess else dotted)
-    logger.warning("settings file %s: unknown key%s ignored: %s", path, "s" if len(unknown) > 1 else "",
-                   ", ".join(described))
+    import warnings
+
+    warnings.warn(f"settings file {path}: unknown key{'s' if len(unknown) > 1 else ''} ignored: "
+                  f"{', '.join(described)}", SettingsWarning, stacklevel=3)
 
 
 def buffer_file_path(path: str) -> str:

@@ -17,7 +17,11 @@ def render() -> str:
         f"the built-in defaults (no service needed), `settings.yaml` (the path in `{SETTINGS_PATH_VARIABLE}`, "
         "else `~/.flowcept/settings.yaml`), and one `FLOWCEPT_*` variable per key. A wrong value raises "
         "`flowcept.settings.SettingsError` naming the key and where the value came from. "
-        "`flowcept settings init` writes a file with every key; `flowcept settings show` prints what is in effect.",
+        "`flowcept settings init` writes a file with every key; `flowcept settings show` prints what is in effect. "
+        "A section that must be a mapping but holds a value is an error naming it; unknown keys inside Flowcept's "
+        "sections are kept and reported in one warning (`flowcept.settings.SettingsWarning`) with the closest "
+        "known key, except keys the reference flowcept 1.0.3 settings file has. Unknown top-level sections are "
+        "ignored quietly.",
         "",
         "Booleans accept true/false/1/0/yes/no/on/off; lists accept a JSON array or comma-separated text.",
         "",

@@ -192,22 +192,16 @@ def test_every_consumer_writes_inside_a_directory_path(tmp_path, monkeypatch, tr
 # -- the shape of the file: sections that must be mappings, unknown keys ------------------------------
 
 @pytest.fixture
-def settings_warnings(caplog):
-    """Warnings of flowcept.settings, also after a Flowcept start stopped 'flowcept' propagating."""
-    import logging
+def settings_warnings():
+    """The SettingsWarning messages issued meanwhile (shown whatever the log level)."""
+    import warnings
 
     from flowcept import settings as settings_module
 
     settings_module._reported_unknown.clear()
-    log = logging.getLogger("flowcept.settings")
-    log.addHandler(caplog.handler)
-    caplog.handler.setLevel(logging.WARNING)
-    old_level = log.level
-    log.setLevel(logging.WARNING)
-    yield lambda: [r.getMessage() for r in caplog.records
-                   if r.name == "flowcept.settings" and r.levelno == logging.WARNING]
-    log.removeHandler(caplog.handler)
-    log.setLevel(old_level)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield lambda: [str(w.message) for w in caught if issubclass(w.category, settings_module.SettingsWarning)]
 
 
 def _load_file(tmp_path, text: str, name: str = "s.yaml"):

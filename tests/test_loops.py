@@ -256,3 +256,263 @@ def test_chunks_built_in_the_loop_and_taken_by_drains_keep_every_iteration_in_or
     assert iterations[-1]["custom_metadata"] == {"interrupted": True}
     assert loops[0]["generated"]["iterations"] == 3 * _CHUNK + 51
     assert all(a["ended_at"] == b["started_at"] for a, b in zip(iterations, iterations[1:]))
+
+
+# -- loops left early with no exception: FINISHED, as with `break` ---------------------------------
+
+def _zip(loop):
+    for _a, _b in zip(loop, [1, 2]):
+        pass
+
+
+def _islice(loop):
+    import itertools
+
+    for _ in itertools.islice(loop, 2):
+        pass
+
+
+def _contains(loop):
+    assert 2 in loop
+
+
+def _any_genexpr(loop):
+    assert any(x > 1 for x in loop)
+
+
+def _any_direct(loop):
+    assert any(x > 1 for x in [0]) is False and any(loop)
+
+
+def _next_genexpr(loop):
+    assert next(x for x in loop if x == 2) == 2
+
+
+def _enumerate_break(loop):
+    for i, _ in enumerate(loop):
+        if i == 1:
+            break
+
+
+def _dict_zip(loop):
+    assert dict(zip(loop, "ab")) == {1: "a", 2: "b"}
+
+
+def _consumer_generator_closed(loop):
+    def evens(items):
+        for item in items:  # noqa: UP028 - a for statement in a generator frame is what is tested
+            yield item
+
+    consumer = evens(loop)
+    assert next(consumer) == 1 and next(consumer) == 2
+    consumer.close()
+
+
+def _iterator_rebound(loop):
+    iterator = iter(loop)
+    for _ in iterator:
+        break
+    next(iterator)
+    iterator = None  # noqa: F841 - the drop under test
+
+
+# consumer -> (iterations started, loop record's count): zip pulls a third item before [1, 2] runs out.
+EARLY_STOPS = {_zip: 3, _islice: 2, _contains: 2, _any_genexpr: 2, _any_direct: 1, _next_genexpr: 2,
+               _enumerate_break: 2, _dict_zip: 3, _consumer_generator_closed: 2, _iterator_rebound: 2}
+
+
+@pytest.mark.parametrize("cls", LOOPS)
+@pytest.mark.parametrize("consumer", list(EARLY_STOPS), ids=lambda f: f.__name__.strip("_"))
+def test_consumer_that_stops_pulling_is_finished_not_error(cls, consumer):
+    with Flowcept() as fc:
+        consumer(cls([1, 2, 3], loop_name="early"))
+        records = fc.get_buffer()
+    loops, iterations = split(records, "early")
+    started = EARLY_STOPS[consumer]
+    assert len(loops) == 1 and loops[0]["status"] == "FINISHED" and "stderr" not in loops[0]
+    assert loops[0]["generated"]["iterations"] == started
+    iterations.sort(key=lambda r: r["used"]["i"])
+    assert [r["used"]["i"] for r in iterations] == list(range(started))
+    assert all(r["status"] == "FINISHED" and "stderr" not in r for r in iterations)
+    # The iteration in progress when the consumer stopped is recorded as a `break` records it.
+    assert iterations[-1]["custom_metadata"] == {"interrupted": True}
+    assert all("custom_metadata" not in r for r in iterations[:-1])
+
+
+# -- an exception through the loop body stays an ERROR, whatever iterates the loop -----------------
+
+def _raise_in_body(loop):
+    for item in loop:
+        if item == 2:
+            raise RuntimeError("in body")
+
+
+def _raise_through_zip(loop):
+    for item, _ in zip(loop, "abc"):
+        if item == 2:
+            raise RuntimeError("in body")
+
+
+def _raise_through_enumerate(loop):
+    for _, item in enumerate(loop):
+        if item == 2:
+            raise RuntimeError("in body")
+
+
+def _raise_from_inner_loop(loop):
+    def broken():
+        yield 0
+        raise RuntimeError("inner iterable")
+
+    for item in loop:
+        if item == 2:
+            for _ in broken():
+                pass
+
+
+def _raise_storing(loop):
+    slots: list = []
+    for item in loop:
+        if item == 2:
+            slots[5] = item  # IndexError at a store
+
+
+def _raise_inside_with(loop):
+    import contextlib
+
+    for item in loop:
+        with contextlib.nullcontext():
+            if item == 2:
+                raise RuntimeError("in body")
+
+
+def _raise_in_consumer_generator(loop):
+    def scaled(items):
+        for item in items:
+            yield 10 // (2 - item)
+
+    list(scaled(loop))
+
+
+@pytest.mark.parametrize("cls", LOOPS)
+@pytest.mark.parametrize("body", [_raise_in_body, _raise_through_zip, _raise_through_enumerate,
+                                  _raise_from_inner_loop, _raise_storing, _raise_inside_with,
+                                  _raise_in_consumer_generator], ids=lambda f: f.__name__.strip("_"))
+def test_exception_through_the_body_is_an_error(cls, body):
+    with Flowcept() as fc:
+        with pytest.raises((RuntimeError, IndexError, ZeroDivisionError)):
+            body(cls([1, 2, 3], loop_name="bad"))
+        records = fc.get_buffer()
+    loops, iterations = split(records, "bad")
+    iterations.sort(key=lambda r: r["used"]["i"])
+    assert len(loops) == 1 and loops[0]["status"] == "ERROR" and loops[0]["generated"]["iterations"] == 2
+    assert [r["status"] for r in iterations] == ["FINISHED", "ERROR"]
+    assert iterations[1]["stderr"] and iterations[1]["custom_metadata"] == {"interrupted": True}
+
+
+@pytest.mark.parametrize("cls", LOOPS)
+def test_cancelled_coroutine_inside_the_body_is_an_error(cls):
+    import asyncio
+
+    async def main() -> None:
+        started = asyncio.Event()
+
+        async def work() -> None:
+            for item in cls([1, 2, 3], loop_name="cancelled"):
+                if item == 2:
+                    started.set()
+                    await asyncio.Event().wait()  # until cancelled
+
+        task = asyncio.ensure_future(work())
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+
+    with Flowcept() as fc:
+        asyncio.run(main())
+        records = fc.get_buffer()
+    loops, iterations = split(records, "cancelled")
+    assert loops[0]["status"] == "ERROR" and loops[0]["generated"]["iterations"] == 2
+    assert sorted(r["status"] for r in iterations) == ["ERROR", "FINISHED"]
+
+
+# -- loops still open when their workflow stops ----------------------------------------------------
+
+@pytest.mark.parametrize("cls", LOOPS)
+@pytest.mark.parametrize("item_name", ["item", "i"])  # the batched path, and the per-record one
+def test_open_loop_is_recorded_when_its_workflow_stops(cls, item_name):
+    from flowcept.instrumentation.flowcept_loop import close_open_loops
+
+    with Flowcept() as fc:
+        loop = cls(3, loop_name="manual", item_name=item_name)
+        assert next(loop) == 0 and next(loop) == 1
+        in_progress = loop.get_current_iteration_id()
+        loop.end_iter({"partial": True})
+        other = cls(2, loop_name="not_started")
+        iter(other)  # created, never advanced: nothing to record
+        assert close_open_loops(fc.current_workflow_id) == 1  # what stop() calls
+        assert close_open_loops(fc.current_workflow_id) == 0  # once
+        assert loop.get_current_iteration_id() is None
+        assert next(loop) == 2  # the application's iteration goes on, no longer recorded
+        with pytest.raises(StopIteration):
+            next(loop)
+        records = fc.get_buffer()
+    loops, iterations = split(records, "manual")
+    iterations.sort(key=lambda r: r["started_at"])
+    assert len(loops) == 1 and len(iterations) == 2
+    assert loops[0]["status"] == "FINISHED" and loops[0]["generated"]["iterations"] == 2
+    assert loops[0]["custom_metadata"] == {"interrupted": True}
+    assert iterations[1]["task_id"] == in_progress and iterations[1]["generated"] == {"partial": True}
+    assert [r["status"] for r in iterations] == ["FINISHED", "FINISHED"]
+    assert [r.get("custom_metadata") for r in iterations] == [None, {"interrupted": True}]
+    assert split(records, "not_started") == ([], [])
+
+
+def test_open_loops_of_other_workflows_and_threads_are_left_alone():
+    import threading
+
+    from flowcept.instrumentation.flowcept_loop import close_open_loops
+
+    with Flowcept() as fc:
+        mine = FlowceptLoop([1, 2], loop_name="mine")
+        next(mine)
+        holder: dict = {}
+
+        def advance() -> None:
+            holder["loop"] = FlowceptLoop([1, 2], loop_name="theirs")
+            next(holder["loop"])
+
+        worker = threading.Thread(target=advance)
+        worker.start()
+        worker.join(10)
+        assert "loop" in holder
+        assert close_open_loops("another workflow") == 0
+        assert close_open_loops(fc.current_workflow_id) == 1  # not the worker's
+        assert next(holder["loop"]) == 2  # it still records: its second iteration, then its end
+        with pytest.raises(StopIteration):
+            next(holder["loop"])
+        records = fc.get_buffer()
+    assert split(records, "mine")[0][0]["custom_metadata"] == {"interrupted": True}
+    loops, iterations = split(records, "theirs")
+    assert "custom_metadata" not in loops[0] and len(iterations) == 2
+
+
+def _stop_closes_open_loops() -> bool:
+    import inspect
+
+    from flowcept.flowcept_api.flowcept_controller import Flowcept as Controller
+
+    return "close_open_loops" in inspect.getsource(Controller.stop)
+
+
+@pytest.mark.skipif(not _stop_closes_open_loops(), reason="Flowcept.stop() does not call close_open_loops yet")
+@pytest.mark.parametrize("cls", LOOPS)
+def test_stop_records_a_loop_advanced_by_hand(cls):
+    with Flowcept() as fc:
+        loop = cls(3, loop_name="by_hand")
+        assert (next(loop), next(loop)) == (0, 1)
+    for records in (fc.get_buffer(), Flowcept.read_buffer_file(fc.output_path)):
+        loops, iterations = split(records, "by_hand")
+        assert sorted(r["used"]["i"] for r in iterations) == [0, 1]
+        assert len(loops) == 1 and loops[0]["generated"]["iterations"] == 2

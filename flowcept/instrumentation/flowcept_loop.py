@@ -8,8 +8,12 @@ ran). Iteration is a generator, so when a ``for`` loop is left by ``break`` or a
 generator is closed at once and the interrupted iteration is still recorded, with
 ``custom_metadata.interrupted: true``. Its status (and the loop record's) is ``ERROR`` when an
 exception left the loop body or the wrapped iterable raised, ``FINISHED`` when the loop was
-left by ``break``/``return`` or the iterator was closed (normal control flow). The reference
-(1.0.3) sends no record at all for an interrupted iteration and marks every sent one FINISHED.
+left by ``break``/``return``, a consumer stopped pulling (``zip``, ``islice``, ``in``, ``any``,
+``next(...)``) or the iterator was closed (normal control flow; see :func:`_closed_by_exception`
+for how the two are told apart). A loop still open when its workflow stops (advanced by hand
+with ``next()``) records its iteration in progress and its loop record then, both marked
+interrupted (:func:`close_open_loops`, called by ``Flowcept.stop()``). The reference (1.0.3)
+sends no record at all for an interrupted iteration and marks every sent one FINISHED.
 
 Per iteration only the task id, times and ``used`` are serialised; the fields all iterations
 of a loop share are serialised once per loop and spliced in (``Pipeline.append_parts``, inlined).
@@ -22,6 +26,7 @@ the signal handlers' flushes reach them as they reach everything else.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import weakref
@@ -39,7 +44,9 @@ from flowcept.ids import id_factory
 _ids = id_factory()
 _dumps = orjson.dumps
 
-__all__ = ["FlowceptLoop", "FlowceptLightweightLoop"]
+__all__ = ["FlowceptLoop", "FlowceptLightweightLoop", "close_open_loops"]
+
+logger = logging.getLogger(__name__)
 
 
 class FlowceptLoop:
@@ -93,8 +100,10 @@ class FlowceptLoop:
     def __iter__(self):
         if not self.enabled:
             return iter(self._items)
-        generator = self._instrumented()
-        self._generator_ref = weakref.ref(generator)
+        owner: List[Any] = [None]  # the thread that runs the generator, set when it starts
+        generator = self._instrumented(owner)
+        self._generator_ref = ref = weakref.ref(generator, _forget)
+        _open[ref] = (self.workflow_id, owner)
         return generator
 
     def __next__(self) -> Any:
@@ -123,7 +132,9 @@ class FlowceptLoop:
         existing = current.get("generated")
         current["generated"] = {**existing, **generated_value} if existing else generated_value
 
-    def _instrumented(self):
+    def _instrumented(self, owner: List[Any]):
+        owner[0] = threading.get_ident()
+        pulled_at = _pull_site()  # who asked for the first item: see _closed_by_exception
         run = capture.state
         append = run.append
         pipeline = run.pipeline
@@ -143,6 +154,8 @@ class FlowceptLoop:
         suffix = capture.constant_suffix(rest)
         prefix, counter = _ids.prefix, _ids.counter
         self._started_at = started_at = time()
+        items: Any = None
+        detached = False
         index = 0
         record = None
         batch = None
@@ -151,6 +164,7 @@ class FlowceptLoop:
         error_text = None
         flushing = False
         try:
+            items = iter(self._items)  # explicit: after a detach (close_open_loops) the rest is passed through
             if telemetry is None and lines is not None and type(item_name) is str and item_name != "i":
                 # The common case: numbers, bools and None kept as tuples, turned into lines in
                 # bulk by the pipeline's drain; other items serialised at once (a snapshot).
@@ -159,7 +173,7 @@ class FlowceptLoop:
                 entries = batch.entries
                 put = entries.append
                 pipeline.add_producer(batch)
-                for item in self._items:
+                for item in items:
                     current_n = n = next(counter)
                     self._current = n
                     yield item
@@ -188,7 +202,7 @@ class FlowceptLoop:
                             pipeline.ready(waiting)
                         flushing = False
                 return
-            for item in self._items:
+            for item in items:
                 # type, task_id, workflow_id lead every task line (consolidation relies on it).
                 record = {"type": "task", "task_id": prefix + str(next(counter)), "workflow_id": workflow_id,
                           "started_at": started_at, "used": {"i": index, item_name: item}}
@@ -211,12 +225,16 @@ class FlowceptLoop:
                     pipeline.full(lines)
                     flushing = False
         except GeneratorExit:
-            # Left early: `break`/`return` (normal control flow: FINISHED), an exception in
-            # the loop body (ERROR), or the iterator was closed or dropped (FINISHED).
-            if (record is not None or current_n is not None) and _closed_by_exception(self._generator_ref):
+            # Left early: `break`/`return`, a consumer that stopped pulling (zip, islice, `in`,
+            # any, ...), or the iterator was closed or dropped (FINISHED); or an exception in
+            # the loop body (ERROR).
+            if (record is not None or current_n is not None) and _closed_by_exception(self._generator_ref,
+                                                                                       pulled_at):
                 status = "ERROR"
                 error_text = "the loop body raised an exception"
             raise
+        except _Detach:  # the loop's workflow stopped while it was open (close_open_loops)
+            detached = True
         except BaseException as error:  # the wrapped iterable failed, or a signal acted upon in a flush
             status = "ERROR"
             error_text = f"{type(error).__name__}: {error}"
@@ -253,7 +271,14 @@ class FlowceptLoop:
             }
             if parent is None:
                 del loop_record["parent_task_id"]
+            if detached:
+                loop_record["custom_metadata"] = {"interrupted": True}
             append(loop_record)
+        if detached:
+            # What throw() returns to close_open_loops; then the rest of the items, unrecorded
+            # (the workflow has ended), so the application's iteration goes on unchanged.
+            yield None
+            yield from items
 
 
 _SCALARS = frozenset({int, float, bool, type(None)})
@@ -369,36 +394,129 @@ class _IterationBatch:
 _CHUNK = 512  # iterations per chunk: ~230 KB joined; 4096 (1.8 MB) measured ~10% slower per iteration
 
 
-def _closed_by_exception(generator_ref: Any) -> bool:
+def _pull_site() -> Optional[Tuple[int, Any, int]]:
+    """Where the generator's first item was asked for: (frame id, code, instruction offset).
+
+    Called once per loop from the generator's first step (0: here, 1: the generator, 2: the
+    frame that pulled: a ``for`` statement's, or the one calling zip/islice/any/next/...). The
+    frame itself is not kept (it holds the application's locals).
+    """
+    try:
+        frame = sys._getframe(2)
+    except ValueError:  # pragma: no cover - pulled from C with no Python frame
+        return None
+    return id(frame), frame.f_code, frame.f_lasti
+
+
+def _closed_by_exception(generator_ref: Any, pulled_at: Optional[Tuple[int, Any, int]]) -> bool:
     """Whether the loop's generator is being closed because an exception left the loop body.
 
-    Python does not tell a generator why it is closed, so this looks at how: a generator
-    closed explicitly (``close()``) is still referenced (its weak reference is alive); one
-    dropped by the ``for`` statement is closed from the loop's frame, at the instruction
-    that dropped it. ``break``/``return`` drop it with POP_TOP (POP_ITER/END_FOR in newer
-    Pythons), ``del``/rebinding with a delete/store; any other instruction is one that raised.
+    Python does not tell a generator why it is closed, and the exception in flight is out of
+    reach: the interpreter stashes it away before it finalises a dropped generator. So this
+    asks who dropped the generator, and where:
+
+    - a generator closed explicitly (``close()``) is still referenced (its weak reference
+      lives): not an exception;
+    - dropped by the frame that pulled the first item, at the very instruction that pulled it:
+      a consumer that stopped pulling (``zip``/``islice`` exhausted, ``in`` found, ``any``,
+      ``next(...)``, unpacking): not an exception;
+    - dropped by anything other than a ``for`` statement that iterates it (a variable rebound,
+      a frame that returned, a consumer generator closed, an object freed): a reference
+      released, not an exception;
+    - dropped by the frame whose ``for`` statement iterates it (directly or through a C
+      consumer such as zip): that frame holds it on its stack until the ``for`` block is left,
+      so it drops it either by leaving the block (``break``/``return``: a pop), by being
+      closed at a ``yield`` (a generator consumer closed: GeneratorExit), or by unwinding an
+      exception raised at the instruction it stopped on. Only the last is an exception.
+
+    Known blind spots (FINISHED where an exception did leave the body): an exception raised by
+    the other iterable of a ``zip``; a comprehension's own frame (Python <= 3.11) or a
+    generator expression that raised (the frame's traceback keeps the generator alive past
+    the exception); a ``throw()`` of an exception other than GeneratorExit into a consumer
+    generator (coroutines, whose cancellation is an exception, are ERROR).
     """
     if generator_ref is not None and generator_ref() is not None:
         return False  # explicit close(): not an exception
+    if pulled_at is None:
+        return False
     try:
         frame = sys._getframe(2)  # 0: here, 1: the generator, 2: the frame that dropped it
-        code = frame.f_code.co_code
-        lasti = frame.f_lasti
-        if lasti < 0 or lasti >= len(code):
-            return False
-        name = _opname(code[lasti])
-    except Exception:  # pragma: no cover - no frame introspection on this interpreter
+    except ValueError:
+        return False  # dropped while a frame that returned is cleared
+    pulled_id, pulled_code, pulled_lasti = pulled_at
+    code = frame.f_code
+    if id(frame) != pulled_id or code is not pulled_code:
+        return False  # released by whatever else held it
+    lasti = frame.f_lasti
+    if lasti == pulled_lasti or _opname_at(code, pulled_lasti) != "FOR_ITER":
+        return False  # the consumer stopped where it pulls, or a variable of this frame was released
+    name = _opname_at(code, lasti)
+    if name in _LEAVES or name.startswith(_REBINDS):
         return False
-    return not (name in _NORMAL_DROPS or name.startswith(("STORE_", "DELETE_", "RETURN_")))
+    if code.co_flags & _GENERATOR_FLAGS and name in _SUSPENSIONS:
+        return False  # a consumer generator closed at its yield
+    return True
 
 
-_NORMAL_DROPS = frozenset({"POP_TOP", "POP_ITER", "END_FOR", "JUMP_BACKWARD", "JUMP_FORWARD", "NOP"})
+# Instructions at which a frame iterating the loop with ``for`` drops it without an exception:
+# leaving the block (``break``/``return`` pop the iterator), rebinding a name that also held it
+# (these cannot raise), and, in a generator frame, being closed where it is suspended.
+_LEAVES = frozenset({"POP_TOP", "POP_ITER", "END_FOR", "NOP"})
+_REBINDS = ("STORE_FAST", "STORE_DEREF", "STORE_GLOBAL", "STORE_NAME", "RETURN_")
+_SUSPENSIONS = frozenset({"YIELD_VALUE", "YIELD_FROM", "RESUME", "SEND", "END_SEND", "CLEANUP_THROW",
+                          "JUMP_BACKWARD_NO_INTERRUPT"})
+_GENERATOR_FLAGS = 0x20 | 0x200  # CO_GENERATOR | CO_ASYNC_GENERATOR (not coroutines: cancelled is an error)
 
 
-def _opname(op: int) -> str:
+def _opname_at(code: Any, offset: int) -> str:
     import opcode
 
-    return opcode.opname[op]
+    raw = code.co_code
+    return opcode.opname[raw[offset]] if 0 <= offset < len(raw) else ""
+
+
+class _Detach(BaseException):
+    """Thrown into an open loop's generator at stop(): record what ran, then pass items through."""
+
+
+# The loops' live generators (weak references) -> (workflow id, [id of the thread running it]).
+_open: Dict[Any, Tuple[Optional[str], List[Any]]] = {}
+
+
+def _forget(ref: Any) -> None:
+    _open.pop(ref, None)
+
+
+def close_open_loops(workflow_id: Optional[str]) -> int:
+    """Record the loops of ``workflow_id`` still open in this thread; returns how many.
+
+    For ``Flowcept.stop()``: a loop advanced by hand (``next(loop)``) or left suspended holds
+    its iteration in progress and its loop record until it ends, which may be never. Each such
+    loop records them now, as a ``break`` would (the iteration in progress and the loop record
+    get ``custom_metadata.interrupted``), and from then on passes its items through unrecorded,
+    so the application's iteration goes on unchanged. Loops running in other threads are left
+    alone (resuming a generator another thread may be running would raise there): they record
+    when they end. Never raises.
+    """
+    me = threading.get_ident()
+    closed = 0
+    for ref, (loop_workflow_id, owner) in list(_open.items()):
+        generator = ref()
+        if generator is None or loop_workflow_id != workflow_id or owner[0] != me:
+            continue
+        suspended = getattr(generator, "gi_suspended", None)  # Python 3.11+
+        if suspended is None:
+            frame = generator.gi_frame
+            suspended = not generator.gi_running and frame is not None and frame.f_lasti >= 0
+        if not suspended:
+            continue  # running, finished, or not started (nothing recorded yet)
+        _open.pop(ref, None)
+        try:
+            generator.throw(_Detach())
+            closed += 1
+        except BaseException:  # never into stop(); the loop's own finally already recorded what it could
+            logger.exception("flowcept could not record the open loop %r", generator)
+    return closed
 
 
 class FlowceptLightweightLoop(FlowceptLoop):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional, Union
@@ -319,6 +320,9 @@ class Flowcept:
             stop_telemetry = getattr(self._telemetry, "stop", None)
             if stop_telemetry is not None:
                 stop_telemetry()
+        loops = sys.modules.get("flowcept.instrumentation.flowcept_loop")  # loaded only if loops were used
+        if loops is not None:  # a loop advanced by hand and not finished: record what it started
+            loops.close_open_loops(self.current_workflow_id)
         pipeline = get_pipeline(create=False)
         if pipeline is not None:
             pipeline.close_workflow(self.current_workflow_id)

@@ -231,8 +231,10 @@ def make_nvml(gpus: List[FakeGpu], init_error: Optional[int] = None, driver_vers
     @device_call("nvmlDeviceGetTotalEnergyConsumption")
     def _energy(h):
         if h.gpu.energy_delay_s:  # the driver's own slowness: CPU burnt in the call, as on a real one
-            until = time.perf_counter() + h.gpu.energy_delay_s
-            while time.perf_counter() < until:
+            # This thread's CPU time, not the clock: on a loaded machine a wall-clock spin can be
+            # mostly preempted and burn less CPU than the throttle's threshold.
+            until = time.thread_time() + h.gpu.energy_delay_s
+            while time.thread_time() < until:
                 pass
         return h.gpu.energy_mj
 

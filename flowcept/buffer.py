@@ -31,6 +31,7 @@ import orjson
 
 from flowcept import serialization
 from flowcept.serialization import _LINE_OPTIONS, _fallback
+from flowcept.threads import HANDLED_SIGNALS, start_background
 
 _orjson_dumps = orjson.dumps
 
@@ -277,8 +278,7 @@ class Pipeline:
 
     # -- flusher ------------------------------------------------------------------------------
     def _start_thread(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="flowcept-flusher", daemon=True)
-        self._thread.start()
+        self._thread = start_background(threading.Thread(target=self._run, name="flowcept-flusher", daemon=True))
 
     def _run(self) -> None:
         wake, stopping = self._wake, self._stopping
@@ -435,9 +435,12 @@ def shutdown_pipeline() -> None:
     """Flush and close the pipeline of this process, if it has one (idempotent)."""
     global _pipeline, _closing
     with _pipeline_lock:
-        pipeline, _pipeline = _pipeline, None
-    if pipeline is not None and pipeline.pid == os.getpid():
-        _closing = pipeline
+        pipeline = _pipeline
+        mine = pipeline is not None and pipeline.pid == os.getpid()
+        if mine:
+            _closing = pipeline  # before _pipeline goes: a signal in between must still find it
+        _pipeline = None
+    if mine:
         try:
             pipeline.shutdown()
         finally:
@@ -469,11 +472,14 @@ def _after_fork_in_child() -> None:
     own flusher, own exit hooks) on the child's first record, so a child that only execs pays
     nothing. The placement fields capture copies into every record get the child's pid.
     """
-    global _pipeline, _exit_hooks_pid, _pipeline_lock
+    global _pipeline, _exit_hooks_pid, _pipeline_lock, _closing
     _pipeline_lock = threading.Lock()  # another parent thread may have held it at fork time
     old = _pipeline
     _pipeline = None
+    _closing = None
     _exit_hooks_pid = None
+    _forget_signal_watchdog()
+    _restore_previous_handlers()
     if old is not None:
         for lines in list(old.lists.values()):
             lines.clear()
@@ -527,7 +533,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _exit_hooks_pid: Optional[int] = None
 _previous_handlers: Dict[int, Any] = {}
-_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_HANDLED_SIGNALS = HANDLED_SIGNALS
 
 
 def _install_exit_hooks() -> None:
@@ -548,6 +554,23 @@ def _install_exit_hooks() -> None:
     install_signal_handlers()
 
 
+def _restore_previous_handlers() -> None:
+    """A forked child has nothing to flush until it captures: it gets the application's handlers back.
+
+    With a Python-level handler installed, a signal that lands just before the main thread blocks
+    in a C wait that nothing else ends (a multiprocessing pool worker at ``Pool.terminate()``,
+    waiting for a queue lock the parent holds) is noted but never handled: the worker would hang
+    and its parent with it. The default action ends it at once. The child's first record installs
+    Flowcept's handlers again (``_install_exit_hooks``).
+    """
+    for signum, previous in list(_previous_handlers.items()):
+        try:
+            if previous is not None and signal.getsignal(signum) is _on_signal:
+                signal.signal(signum, previous)
+        except (ValueError, OSError, TypeError):  # not the main thread, or an invalid handler
+            pass
+
+
 def install_signal_handlers() -> None:
     """Flush on SIGTERM/SIGINT, then chain to what the application installed."""
     if threading.current_thread() is not threading.main_thread():
@@ -561,6 +584,89 @@ def install_signal_handlers() -> None:
             signal.signal(signum, _on_signal)
         except (ValueError, OSError):  # not the main interpreter/thread
             pass
+    _start_signal_watchdog()
+
+
+# -- the signal watchdog ---------------------------------------------------------------------------
+# CPython's C-level handler only notes a signal; the Python handler runs when the main thread next
+# executes bytecode. A signal that lands just before the main thread blocks in a C wait that only
+# a signal delivered to it ends (sem_wait in a multiprocessing lock: a pool worker at
+# Pool.terminate(), waiting for a queue lock its parent holds) is noted and never handled: the
+# process would hang instead of flushing and ending. The C handler also writes the signal number
+# to the wakeup fd; a watchdog thread reading it re-sends the signal to the main thread until the
+# Python handler has run, which interrupts the wait (EINTR) and lets the handler run.
+
+_handler_ran = threading.Event()
+_watchdog: Optional[Tuple[int, int, int]] = None  # (pid, read fd, write fd) of this process's watchdog
+_NUDGES = 5
+
+
+def _start_signal_watchdog() -> None:
+    """Main thread: have the wakeup fd written to a pipe a watchdog thread reads (if nothing else uses it)."""
+    global _watchdog
+    if _watchdog is not None and _watchdog[0] == os.getpid():
+        return
+    try:
+        read_fd, write_fd = os.pipe()
+    except OSError:
+        return
+    try:
+        os.set_blocking(write_fd, False)
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        if previous != -1:  # the application's (an asyncio loop's): it keeps it, no watchdog
+            signal.set_wakeup_fd(previous)
+            raise ValueError("the wakeup fd is in use")
+    except (ValueError, OSError):
+        os.close(read_fd)
+        os.close(write_fd)
+        return
+    _watchdog = (os.getpid(), read_fd, write_fd)
+    start_background(threading.Thread(target=_watch_signals, args=(read_fd,), name="flowcept-signals",
+                                       daemon=True))
+
+
+def _watch_signals(read_fd: int) -> None:
+    main = threading.main_thread().ident
+    while True:
+        try:
+            data = os.read(read_fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        for signum in set(data):
+            if signum not in _HANDLED_SIGNALS:
+                continue
+            try:
+                if signal.getsignal(signum) is not _on_signal:
+                    continue
+            except (ValueError, OSError):
+                continue
+            for attempt in range(_NUDGES):
+                if _handler_ran.wait(0.05 * (attempt + 1)):
+                    break
+                try:
+                    signal.pthread_kill(main, signum)  # interrupts the main thread's wait
+                except (OSError, ValueError):
+                    break
+            _handler_ran.clear()
+
+
+def _forget_signal_watchdog() -> None:
+    """Forked child: the wakeup pipe is the parent's; drop it (a new one comes with the child's handlers)."""
+    global _watchdog
+    if _watchdog is None:
+        return
+    try:
+        signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):
+        pass
+    for fd in _watchdog[1:]:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _watchdog = None
 
 
 class _Critical:
@@ -598,6 +704,7 @@ class _Critical:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    _handler_ran.set()  # the watchdog stops re-sending
     pipeline = _pipeline_to_flush()
     if pipeline is not None and threading.get_ident() in pipeline.critical_threads:
         pipeline.deferred_signal = (signum, frame)  # acted upon when that flush ends (_Critical)

@@ -17,6 +17,8 @@ import re
 import threading
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
+from flowcept.threads import start_background
+
 logger = logging.getLogger(__name__)
 
 
@@ -244,9 +246,8 @@ class FileTransport:
         self._to_sync.update(paths)
         thread = self._sync_thread
         if thread is None or not thread.is_alive():
-            thread = self._sync_thread = threading.Thread(target=self._sync_loop, name="flowcept-sync",
-                                                          daemon=True)
-            thread.start()
+            thread = self._sync_thread = start_background(
+                threading.Thread(target=self._sync_loop, name="flowcept-sync", daemon=True))
         self._sync_wake.set()
 
     def _sync_loop(self) -> None:

@@ -35,6 +35,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import orjson
 
+from flowcept.threads import handled_signals_blocked, start_background
+
 logger = logging.getLogger(__name__)
 
 COLLECTIONS = {"task": "tasks", "workflow": "workflows", "telemetry": "telemetry", "object": "objects"}
@@ -89,8 +91,9 @@ def make_client(uri: str, timeout_s: float) -> Any:
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError("MongoDB support needs pymongo: pip install 'flowcept[mongo]'") from error
     ms = max(1, int(timeout_s * 1000))
-    return pymongo.MongoClient(uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms,
-                               socketTimeoutMS=max(30000, 10 * ms), appname="flowcept")
+    with handled_signals_blocked():  # pymongo's monitor threads inherit the mask (see flowcept.threads)
+        return pymongo.MongoClient(uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms,
+                                   socketTimeoutMS=max(30000, 10 * ms), appname="flowcept")
 
 
 class _SharedClients:
@@ -394,8 +397,8 @@ class MongoSink:
         self._next_retry = 0.0
         self._backoff = 0.0
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="flowcept-mongo-sink", daemon=True)
-        self._thread.start()
+        self._thread = start_background(threading.Thread(target=self._run, name="flowcept-mongo-sink",
+                                                         daemon=True))
         logger.info("MongoDB sink to %s/%s (spool %s)", redact_uri(self.uri), self.db_name, self.spool.directory)
 
     @property

@@ -24,6 +24,8 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional
 
+from flowcept.threads import start_background
+
 logger = logging.getLogger("flowcept.telemetry")
 
 _live: weakref.WeakSet[TelemetryCapture] = weakref.WeakSet()
@@ -153,8 +155,8 @@ class TelemetryCapture:
         if self.mode != "cached" and self.emit_interval_s <= 0:
             return
         self._stop_event = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="flowcept-telemetry", daemon=True)
-        self._thread.start()
+        self._thread = start_background(threading.Thread(target=self._run, name="flowcept-telemetry",
+                                                         daemon=True))
 
     def _run(self) -> None:
         stop = self._stop_event

@@ -5,6 +5,8 @@ argv: point out_dir. Points:
   loop-build     SIGINT while the loop turns a full chunk of iterations into JSONL in its own thread
   exit-shutdown  SIGTERM while the process, leaving without stop(), closes its pipeline in its exit
                  hook (what a multiprocessing pool's terminate() does to a worker that is exiting)
+  blocked-main   SIGTERM noted by another thread while the main thread waits in sem_wait (a
+                 multiprocessing lock nobody will release): only the signal watchdog ends the wait
 The signal is sent by wrapping the step (the wrapper calls the real one); what the process leaves in
 its files is what a signal at that instant leaves.
 """
@@ -32,6 +34,30 @@ if point == "exit-shutdown":
     for i in range(100):
         FlowceptTask(activity_id="before_exit", used={"i": i}, generated={"ok": True})
     sys.exit(0)  # no stop(): the exit hook closes the pipeline
+if point == "blocked-main":
+    import multiprocessing
+    import threading
+    import time
+
+    Flowcept(workflow_id=f"pt-{point}").start()
+    for i in range(100):
+        FlowceptTask(activity_id="before_block", used={"i": i}, generated={"ok": True})
+    lock = multiprocessing.Lock()
+    lock.acquire()
+
+    def poke() -> None:
+        """Once the main thread sleeps in the kernel, raise SIGTERM in this thread: the C handler
+        notes it here, and nothing interrupts the main thread's wait."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/self/task/{os.getpid()}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "S":
+                    break
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    threading.Thread(target=poke).start()
+    lock.acquire()  # never released: without the watchdog the process waits here forever
+    sys.exit("the wait ended without the signal")
 step = "_take_entries" if point == "loop-end-take" else "build"
 real = getattr(flowcept_loop._IterationBatch, step)
 sent = []

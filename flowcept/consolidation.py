@@ -230,6 +230,13 @@ def _unattributed_reason(path: str, wf: str, tail: str) -> str:
 
 # -- locks ------------------------------------------------------------------------------------------
 
+def _size_or_none(path: str) -> Optional[int]:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
 def _is_unlocked(path: str) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -543,6 +550,7 @@ class _SourceScan:
     prefixes: set = field(default_factory=set)
     opaque: bool = False  # an HDF5 source: read as a whole, deduplicated
     exclusive: bool = False
+    size: int = -1  # the bytes the scan saw: cleanup removes the source only if it still has exactly these
 
     def add(self, start: int, end: int, first_line: int, lines: int, clean: bool) -> None:
         last = self.spans[-1] if self.spans else None
@@ -605,6 +613,7 @@ def _scan_source(path: str, patterns: _CleanLines, buf: bytearray) -> _SourceSca
     scan = _SourceScan(path)
     if path.endswith((".h5", ".hdf5")):
         scan.opaque = True
+        scan.size = os.path.getsize(path)
         return scan
     view = memoryview(buf)
     base = filled = 0
@@ -631,6 +640,7 @@ def _scan_source(path: str, patterns: _CleanLines, buf: bytearray) -> _SourceSca
         view.release()
     if filled:
         scan.spans.append(_Span(base, base + filled, line, 1, False, tail=True))
+    scan.size = base + filled
     return scan
 
 
@@ -661,6 +671,7 @@ class _Merger:
         self.progress = progress
         self._seen: Optional[SeenIds] = None
         self.workflows: List[dict] = []
+        self.merged_sizes: Dict[str, int] = {}  # source -> the bytes of it this merge took
 
     @property
     def seen(self) -> SeenIds:
@@ -696,6 +707,7 @@ class _Merger:
         opaque = any(scan.opaque for scan in scans)
         for scan in scans:
             scan.exclusive = not opaque and all(holders[prefix] == 1 for prefix in scan.prefixes)
+            self.merged_sizes[scan.path] = scan.size
         for scan in scans:
             try:
                 if scan.opaque:
@@ -940,7 +952,8 @@ def consolidate(base_path: str, workflow_id: str, output_format: str = "jsonl", 
             for path in sources:
                 if path in (output, jsonl_output):
                     continue
-                if _is_unlocked(path):
+                # Unlocked is not enough: a writer may have appended after the scan, then closed.
+                if _is_unlocked(path) and _size_or_none(path) == merger.merged_sizes.get(path):
                     try:
                         os.unlink(path)
                         report.removed.append(path)

@@ -267,3 +267,32 @@ def test_name_readings(tail: str, readings: List[str]) -> None:
     from flowcept.consolidation import name_readings
 
     assert name_readings(tail) == readings
+
+
+@pytest.mark.parametrize("output_format", ["jsonl", "hdf5"])
+def test_a_source_that_grew_after_it_was_read_is_kept(tmp_path, output_format):
+    """Cleanup removes a source only if it still holds exactly what was merged: a writer may append
+    after the read and close (releasing its lock) before cleanup runs."""
+    if output_format == "hdf5":
+        pytest.importorskip("h5py")
+    base = str(tmp_path / "flowcept_buffer.jsonl")
+    first = tmp_path / "flowcept_buffer_grow_h_1.jsonl"
+    second = tmp_path / "flowcept_buffer_grow_h_2.jsonl"
+    _write(first, [_task(f"{'1' * 16}.{i}", "grow") for i in range(1, 51)])
+    _write(second, [_task(f"{'2' * 16}.{i}", "grow") for i in range(1, 51)])
+    late = [_task(f"{'2' * 16}.{i}", "grow") for i in range(51, 61)]
+    appended = []
+
+    def append_mid_merge(_consumed: int) -> None:  # called while the merge reads: after the scan
+        if not appended:
+            appended.append(True)
+            with open(second, "ab") as handle:  # a writer that finishes and closes meanwhile
+                handle.write(b"".join(orjson.dumps(r) + b"\n" for r in late))
+
+    report = consolidate(base, "grow", output_format=output_format, progress=append_mid_merge)
+    assert appended and str(second) in report.kept_live and str(first) in report.removed
+    assert not first.exists() and second.exists()
+    again = consolidate(base, "grow", output_format=output_format)  # the late records come in now
+    ids = sorted(r["task_id"] for r in read_records(again.output_path) if r["type"] == "task")
+    assert len(ids) == 110 and len(set(ids)) == 110
+    assert not second.exists()

@@ -155,24 +155,24 @@ class FlowceptTask:
             if custom_metadata is not None:
                 existing = record.get("custom_metadata")
                 record["custom_metadata"] = {**existing, **custom_metadata} if existing else custom_metadata
-        if self._telemetry is not None:
-            record["telemetry_at_end"] = self._telemetry.capture()
+        telemetry = self._telemetry
+        if telemetry is not None:
+            record["telemetry_at_end"] = telemetry.capture()
         run = self._run
         lines = self._lines
         if lines is not None and capture.state is run:
             # Pipeline.append_parts without its list lookup: serialise what varies, splice the
             # run's constant tail.
-            if self._telemetry is None:
-                try:  # splice_line, inlined
+            if telemetry is None:
+                try:  # splice_line, inlined; a value the fast path refuses or an oversized one: its way
                     body = _dumps(record, default=_fallback, option=FAST_OPTIONS)
-                except Exception:
-                    body = None
-                if body is not None and len(body) <= run.limit:
+                    if len(body) > run.limit:
+                        raise ValueError
                     lines.append(body[:-1] + run.suffix)
-                else:
+                except Exception:
                     lines.append(splice_line(record, run.suffix, run.rest))
             else:
-                lines.append(_telemetry_line(record, self._telemetry, run))
+                lines.append(_telemetry_line(record, telemetry, run))
             if not len(lines) % run.flush_size:
                 run.pipeline.full(lines)
         else:  # the run changed since the task began, a field overrides a constant one, no pipeline

@@ -316,9 +316,35 @@ def _iterator_rebound(loop):
     iterator = None  # noqa: F841 - the drop under test
 
 
+def _iterator_deleted(loop):
+    iterator = iter(loop)
+    for _ in iterator:
+        break
+    del iterator  # released after the for statement: by a delete, not an exception
+
+
+def _iterator_in_an_attribute(loop):
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.it = iter(loop)
+    for _ in holder.it:
+        break
+    holder.it = None
+
+
+def _iterator_in_a_container(loop):
+    held = {"it": iter(loop)}
+    for _ in held["it"]:
+        break
+    held.clear()
+
+
 # consumer -> (iterations started, loop record's count): zip pulls a third item before [1, 2] runs out.
 EARLY_STOPS = {_zip: 3, _islice: 2, _contains: 2, _any_genexpr: 2, _any_direct: 1, _next_genexpr: 2,
-               _enumerate_break: 2, _dict_zip: 3, _consumer_generator_closed: 2, _iterator_rebound: 2}
+               _enumerate_break: 2, _dict_zip: 3, _consumer_generator_closed: 2, _iterator_rebound: 2,
+               _iterator_deleted: 1, _iterator_in_an_attribute: 1, _iterator_in_a_container: 1}
 
 
 @pytest.mark.parametrize("cls", LOOPS)

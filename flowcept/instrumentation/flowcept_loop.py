@@ -429,11 +429,18 @@ def _closed_by_exception(generator_ref: Any, pulled_at: Optional[Tuple[int, Any,
       closed at a ``yield`` (a generator consumer closed: GeneratorExit), or by unwinding an
       exception raised at the instruction it stopped on. Only the last is an exception.
 
+    A drop by that frame after its ``for`` statement is over (``del it``, an attribute or a
+    container emptied) is a release too: only a drop between the FOR_ITER and the end of the
+    statement can be an exception unwinding.
+
     Known blind spots (FINISHED where an exception did leave the body): an exception raised by
     the other iterable of a ``zip``; a comprehension's own frame (Python <= 3.11) or a
     generator expression that raised (the frame's traceback keeps the generator alive past
-    the exception); a ``throw()`` of an exception other than GeneratorExit into a consumer
-    generator (coroutines, whose cancellation is an exception, are ERROR).
+    the exception); a loop wrapped in a Python generator (a progress-bar wrapper: the wrapper
+    is closed at its ``yield`` and cannot tell why); ``next(it)`` by hand before a ``for``
+    over the same iterator (only the first pull is noted); a ``throw()`` of an exception other
+    than GeneratorExit into a consumer generator (coroutines, whose cancellation is an
+    exception, are ERROR).
     """
     if generator_ref is not None and generator_ref() is not None:
         return False  # explicit close(): not an exception
@@ -450,6 +457,8 @@ def _closed_by_exception(generator_ref: Any, pulled_at: Optional[Tuple[int, Any,
     lasti = frame.f_lasti
     if lasti == pulled_lasti or _opname_at(code, pulled_lasti) != "FOR_ITER":
         return False  # the consumer stopped where it pulls, or a variable of this frame was released
+    if not pulled_lasti < lasti < _for_end(code, pulled_lasti):
+        return False  # the for statement was left already: a name, attribute or container let it go
     name = _opname_at(code, lasti)
     if name in _LEAVES or name.startswith(_REBINDS):
         return False
@@ -466,6 +475,16 @@ _REBINDS = ("STORE_FAST", "STORE_DEREF", "STORE_GLOBAL", "STORE_NAME", "RETURN_"
 _SUSPENSIONS = frozenset({"YIELD_VALUE", "YIELD_FROM", "RESUME", "SEND", "END_SEND", "CLEANUP_THROW",
                           "JUMP_BACKWARD_NO_INTERRUPT"})
 _GENERATOR_FLAGS = 0x20 | 0x200  # CO_GENERATOR | CO_ASYNC_GENERATOR (not coroutines: cancelled is an error)
+
+
+def _for_end(code: Any, for_iter: int) -> int:
+    """Where the ``for`` statement whose FOR_ITER is at ``for_iter`` ends (the offset it exits to)."""
+    import dis
+
+    for instruction in dis.get_instructions(code):
+        if instruction.offset == for_iter:
+            return instruction.argval if isinstance(instruction.argval, int) else len(code.co_code)
+    return len(code.co_code)
 
 
 def _opname_at(code: Any, offset: int) -> str:

@@ -627,6 +627,7 @@ def _start_signal_watchdog() -> None:
 
 def _watch_signals(read_fd: int) -> None:
     main = threading.main_thread().ident
+    echoes: Dict[int, int] = {}  # signal -> bytes our own re-sends will still write to the pipe
     while True:
         try:
             data = os.read(read_fd, 64)
@@ -634,27 +635,45 @@ def _watch_signals(read_fd: int) -> None:
             return
         if not data:
             return
-        for signum in set(data):
-            if signum not in _HANDLED_SIGNALS:
+        for signum in _HANDLED_SIGNALS:
+            count = data.count(signum)
+            echo = min(count, echoes.get(signum, 0))
+            if echo:
+                echoes[signum] -= echo  # a re-send of ours, not a new signal
+                count -= echo
+            if not count:
                 continue
             try:
                 if signal.getsignal(signum) is not _on_signal:
                     continue
             except (ValueError, OSError):
                 continue
-            for attempt in range(_NUDGES):
-                if _handler_ran.wait(0.05 * (attempt + 1)):
-                    break
-                try:
-                    signal.pthread_kill(main, signum)  # interrupts the main thread's wait
-                except (OSError, ValueError):
-                    break
-            _handler_ran.clear()
+            echoes[signum] = echoes.get(signum, 0) + _resend_until_handled(main, signum)
+
+
+def _resend_until_handled(main: Optional[int], signum: int) -> int:
+    """Re-send ``signum`` to the main thread until the Python handler has run; returns how many were sent.
+
+    A bounded number: a main thread busy in a long C call that retries on EINTR gets the handler
+    when the call returns. Re-sends before the handler runs coalesce into that one run.
+    """
+    sent = 0
+    for attempt in range(_NUDGES):
+        if _handler_ran.wait(0.05 * 2 ** attempt) or main is None:  # 50 ms, 100 ms, ... 0.8 s
+            break
+        try:
+            signal.pthread_kill(main, signum)  # interrupts the main thread's wait
+        except (OSError, ValueError):
+            break
+        sent += 1
+    _handler_ran.clear()
+    return sent
 
 
 def _forget_signal_watchdog() -> None:
     """Forked child: the wakeup pipe is the parent's; drop it (a new one comes with the child's handlers)."""
-    global _watchdog
+    global _watchdog, _handler_ran
+    _handler_ran = threading.Event()  # the parent's may have been locked by its watchdog at fork time
     if _watchdog is None:
         return
     try:

@@ -7,6 +7,9 @@ argv: point out_dir. Points:
                  hook (what a multiprocessing pool's terminate() does to a worker that is exiting)
   blocked-main   SIGTERM noted by another thread while the main thread waits in sem_wait (a
                  multiprocessing lock nobody will release): only the signal watchdog ends the wait
+  survives       the same, with the application's own SIGTERM handler (chained) that does not exit,
+                 and a SIGINT whose KeyboardInterrupt the application catches: each handler runs
+                 exactly once (the watchdog's re-sends must not make more)
 The signal is sent by wrapping the step (the wrapper calls the real one); what the process leaves in
 its files is what a signal at that instant leaves.
 """
@@ -58,6 +61,51 @@ if point == "blocked-main":
     threading.Thread(target=poke).start()
     lock.acquire()  # never released: without the watchdog the process waits here forever
     sys.exit("the wait ended without the signal")
+if point == "survives":
+    import multiprocessing
+    import threading
+    import time
+
+    calls = []
+    lock = multiprocessing.Lock()
+    lock.acquire()
+
+    def on_term(signum, frame):  # installed before Flowcept: Flowcept's handler chains to it
+        calls.append(signum)
+        lock.release()  # ends the main thread's wait
+
+    signal.signal(signal.SIGTERM, on_term)
+    Flowcept(workflow_id=f"pt-{point}").start()
+    FlowceptTask(activity_id="t", used={"i": 0}, generated={"ok": True})
+
+    def main_sleeps() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/self/task/{os.getpid()}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "S":
+                    return
+
+    def poke(signum: int) -> None:
+        main_sleeps()
+        signal.pthread_kill(threading.get_ident(), signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        threading.Thread(target=poke, args=(signum,)).start()
+        interrupted = 0
+        try:
+            lock.acquire(timeout=10)  # only the watchdog's re-send lets a handler end this wait
+        except KeyboardInterrupt:
+            interrupted += 1
+        lock.acquire(block=False)  # held again for the next round
+        # Watch for more runs of the handlers: a re-send after a handler ran would make one.
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:
+            try:
+                threading.Event().wait(until - time.monotonic())
+            except KeyboardInterrupt:
+                interrupted += 1
+        print(signal.Signals(signum).name, len(calls) if signum == signal.SIGTERM else interrupted, flush=True)
+    sys.exit(0)
 step = "_take_entries" if point == "loop-end-take" else "build"
 real = getattr(flowcept_loop._IterationBatch, step)
 sent = []

@@ -430,8 +430,11 @@ def _closed_by_exception(generator_ref: Any, pulled_at: Optional[Tuple[int, Any,
       exception raised at the instruction it stopped on. Only the last is an exception.
 
     A drop by that frame after its ``for`` statement is over (``del it``, an attribute or a
-    container emptied) is a release too: only a drop between the FOR_ITER and the end of the
-    statement can be an exception unwinding.
+    container emptied) is a release too: apart from ``del``, told by the instruction, only a
+    drop between the FOR_ITER and the end of the statement, or in exception-handling code
+    (which Python 3.12+ places after the function's body), is an exception unwinding.
+    Offsets are taken back to their instruction: a specialised FOR_ITER (3.12) reports its
+    inline cache.
 
     Known blind spots (FINISHED where an exception did leave the body): an exception raised by
     the other iterable of a ``zip``; a comprehension's own frame (Python <= 3.11) or a
@@ -440,7 +443,8 @@ def _closed_by_exception(generator_ref: Any, pulled_at: Optional[Tuple[int, Any,
     is closed at its ``yield`` and cannot tell why); ``next(it)`` by hand before a ``for``
     over the same iterator (only the first pull is noted); a ``throw()`` of an exception other
     than GeneratorExit into a consumer generator (coroutines, whose cancellation is an
-    exception, are ERROR).
+    exception, are ERROR); on Python 3.12 only, an attribute that held the iterator released
+    right after a ``break`` (3.12 copies the code after the loop in front of its end).
     """
     if generator_ref is not None and generator_ref() is not None:
         return False  # explicit close(): not an exception
@@ -454,17 +458,21 @@ def _closed_by_exception(generator_ref: Any, pulled_at: Optional[Tuple[int, Any,
     code = frame.f_code
     if id(frame) != pulled_id or code is not pulled_code:
         return False  # released by whatever else held it
-    lasti = frame.f_lasti
-    if lasti == pulled_lasti or _opname_at(code, pulled_lasti) != "FOR_ITER":
+    # An offset can point into an instruction's inline cache (Python 3.12 reports FOR_ITER_GEN's
+    # pull there once specialised): both are taken back to the instruction they belong to.
+    pulled = _instruction_at(code, pulled_lasti)
+    lasti, name, _ = _instruction_at(code, frame.f_lasti)
+    if lasti == pulled[0] or pulled[1] != "FOR_ITER":
         return False  # the consumer stopped where it pulls, or a variable of this frame was released
-    if not pulled_lasti < lasti < _for_end(code, pulled_lasti):
-        return False  # the for statement was left already: a name, attribute or container let it go
-    name = _opname_at(code, lasti)
-    if name in _LEAVES or name.startswith(_REBINDS):
+    if name in _LEAVES or name.startswith(_REBINDS) or name in _DELETES:
         return False
     if code.co_flags & _GENERATOR_FLAGS and name in _SUSPENSIONS:
         return False  # a consumer generator closed at its yield
-    return True
+    if name in _UNWINDING:
+        return True  # exception handling code (Python 3.12+ moves it past the loop's end)
+    # Past the for statement: an attribute or a container let it go. (Python 3.12+ may also copy
+    # the code after a loop in front of its end for ``break``: such a release reads as an error.)
+    return pulled[0] < lasti < (pulled[2] if isinstance(pulled[2], int) else len(code.co_code))
 
 
 # Instructions at which a frame iterating the loop with ``for`` drops it without an exception:
@@ -474,24 +482,25 @@ _LEAVES = frozenset({"POP_TOP", "POP_ITER", "END_FOR", "NOP"})
 _REBINDS = ("STORE_FAST", "STORE_DEREF", "STORE_GLOBAL", "STORE_NAME", "RETURN_")
 _SUSPENSIONS = frozenset({"YIELD_VALUE", "YIELD_FROM", "RESUME", "SEND", "END_SEND", "CLEANUP_THROW",
                           "JUMP_BACKWARD_NO_INTERRUPT"})
+_DELETES = frozenset({"DELETE_FAST", "DELETE_NAME", "DELETE_GLOBAL", "DELETE_DEREF"})  # ``del it``
+_UNWINDING = frozenset({"RERAISE", "RAISE_VARARGS", "CLEANUP_THROW", "PUSH_EXC_INFO", "POP_EXCEPT",
+                        "WITH_EXCEPT_START", "CHECK_EXC_MATCH", "CHECK_EG_MATCH"})
 _GENERATOR_FLAGS = 0x20 | 0x200  # CO_GENERATOR | CO_ASYNC_GENERATOR (not coroutines: cancelled is an error)
 
 
-def _for_end(code: Any, for_iter: int) -> int:
-    """Where the ``for`` statement whose FOR_ITER is at ``for_iter`` ends (the offset it exits to)."""
+def _instruction_at(code: Any, offset: int) -> Tuple[int, str, Any]:
+    """(offset, name, argument value) of the instruction of ``code`` that ``offset`` falls in.
+
+    For FOR_ITER the argument value is where the ``for`` statement exits to.
+    """
     import dis
 
+    found: Tuple[int, str, Any] = (offset, "", None)
     for instruction in dis.get_instructions(code):
-        if instruction.offset == for_iter:
-            return instruction.argval if isinstance(instruction.argval, int) else len(code.co_code)
-    return len(code.co_code)
-
-
-def _opname_at(code: Any, offset: int) -> str:
-    import opcode
-
-    raw = code.co_code
-    return opcode.opname[raw[offset]] if 0 <= offset < len(raw) else ""
+        if instruction.offset > offset:
+            break
+        found = (instruction.offset, instruction.opname, instruction.argval)
+    return found
 
 
 class _Detach(BaseException):

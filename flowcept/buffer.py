@@ -160,15 +160,7 @@ class Pipeline:
         else:
             if len(line) > serialization.max_value_bytes:
                 line = serialization.dumps_line(record)
-        workflow_id = record.get("workflow_id")
-        if record.get("type") == "workflow":
-            self.workflow_records[workflow_id] = self.workflow_records.get(workflow_id, 0) + 1
-        lines = self.lists.get(workflow_id)
-        if lines is None:
-            lines = self.lines_for(workflow_id)
-        lines.append(line)
-        if not len(lines) % self.flush_size:
-            self.full(lines)
+        self._queue(record.get("workflow_id"), line, record.get("type") == "workflow")
 
     def append_parts(self, record: dict, suffix: bytes, rest: dict, workflow_id: Optional[str]) -> None:
         """Queue ``record`` + ``rest`` as one line, serialising only ``record``.
@@ -217,7 +209,10 @@ class Pipeline:
 
     def append_line(self, workflow_id: Optional[str], line: bytes) -> None:
         """Queue an already serialised JSON line (ending in a newline)."""
-        if line.startswith(b'{"type":"workflow"'):
+        self._queue(workflow_id, line, line.startswith(b'{"type":"workflow"'))
+
+    def _queue(self, workflow_id: Optional[str], line: bytes, is_workflow: bool) -> None:
+        if is_workflow:  # counted: the in-place merge at stop() needs exactly one (known_file)
             self.workflow_records[workflow_id] = self.workflow_records.get(workflow_id, 0) + 1
         lines = self.lists.get(workflow_id)
         if lines is None:

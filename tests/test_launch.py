@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from conftest import read_lines
+from conftest import read_lines, wait_for
 from flowcept.launch.__main__ import parse_args
 from flowcept.launch.ids import agree_ids
 from flowcept.launch.node_daemon import local_size
@@ -297,19 +297,26 @@ def test_node_daemon_shared_fs_sees_files_per_node_not_per_rank(tmp_path: Path) 
     assert not glob.glob(str(tmp_path / "rt" / "*" / "*" / "bye-*"))  # node-local state cleaned up
 
 
+def ranks_waiting_to_go(tmp_path: Path, flags: List[str] = (), **env: str) -> tuple:
+    """Three ranks on node "na" running wait_go.py, all started: (go directory, processes)."""
+    go = tmp_path / "go"
+    go.mkdir()
+    (tmp_path / "out").mkdir()
+    procs = start_ranks(tmp_path, ["na"], 3, [sys.executable, WAIT_GO, str(go)], flags, **env)
+    try:
+        wait_for(lambda: len(list(go.glob("ready-*"))) == 3, 60, "3 ranks to start their command")
+    except BaseException:
+        finish(procs)
+        raise
+    return go, procs
+
+
 def test_rank_killed_before_writing_its_state(tmp_path: Path) -> None:
     """A rank (neither rank 0 nor its node's starter) SIGKILLed mid-job: the others' records reach
     the node's file; rank 0 gives up after launch.finish_timeout_s and `flowcept consolidate` finds
     everything that was written."""
-    go = tmp_path / "go"
-    go.mkdir()
-    (tmp_path / "out").mkdir()
-    procs = start_ranks(tmp_path, ["na"], 3, [sys.executable, WAIT_GO, str(go)],
-                        FLOWCEPT_LAUNCH_FINISH_TIMEOUT_S="2")
+    go, procs = ranks_waiting_to_go(tmp_path, FLOWCEPT_LAUNCH_FINISH_TIMEOUT_S="2")
     try:
-        from conftest import wait_for
-
-        wait_for(lambda: len(list(go.glob("ready-*"))) == 3, 60, "3 ranks to start their command")
         _, starter = daemon_and_starter(tmp_path)
         victim = next(r for r in (1, 2) if procs[r].pid != starter)
         kill_pid(procs[victim].pid)
@@ -331,15 +338,8 @@ def test_node_starter_killed_the_other_ranks_collect(tmp_path: Path) -> None:
     """The node's starter SIGKILLed mid-job: the ranks that end after it find its lock free, move
     their records to the shared filesystem themselves and stop the orphaned daemon; nothing that
     was written is lost."""
-    go = tmp_path / "go"
-    go.mkdir()
-    (tmp_path / "out").mkdir()
-    procs = start_ranks(tmp_path, ["na"], 3, [sys.executable, WAIT_GO, str(go)],
-                        FLOWCEPT_LAUNCH_FINISH_TIMEOUT_S="2")
+    go, procs = ranks_waiting_to_go(tmp_path, FLOWCEPT_LAUNCH_FINISH_TIMEOUT_S="2")
     try:
-        from conftest import wait_for
-
-        wait_for(lambda: len(list(go.glob("ready-*"))) == 3, 60, "3 ranks to start their command")
         daemon, starter = daemon_and_starter(tmp_path)
         victim = next(r for r in range(3) if procs[r].pid == starter)
         kill_pid(starter)
@@ -361,16 +361,9 @@ def test_node_starter_killed_the_other_ranks_collect(tmp_path: Path) -> None:
 def test_rank_waiting_too_long_for_its_starter_writes_its_own_file(tmp_path: Path) -> None:
     """The starter's command runs on: after launch.collect_wait_s the other ranks write their own
     files (their records are safe on the shared filesystem) and the starter still counts them."""
-    go = tmp_path / "go"
-    go.mkdir()
+    go, procs = ranks_waiting_to_go(tmp_path, ["--keep-files"], FLOWCEPT_LAUNCH_COLLECT_WAIT_S="0.2")
     out = tmp_path / "out"
-    out.mkdir()
-    procs = start_ranks(tmp_path, ["na"], 3, [sys.executable, WAIT_GO, str(go)], ["--keep-files"],
-                        FLOWCEPT_LAUNCH_COLLECT_WAIT_S="0.2")
     try:
-        from conftest import wait_for
-
-        wait_for(lambda: len(list(go.glob("ready-*"))) == 3, 60, "3 ranks to start their command")
         _, starter = daemon_and_starter(tmp_path)
         others = [r for r in range(3) if procs[r].pid != starter]
         for rank in others:

@@ -58,8 +58,8 @@ def test_disk_full_mid_run_loses_and_doubles_nothing(small_disk: Path, tmp_path:
     filler = _fill(small_disk, leave=8192)
     env = app_env({"FLOWCEPT_PROJECT_DUMP_BUFFER_PATH": str(small_disk / "flowcept_buffer.jsonl"),
                    "FLOWCEPT_PROJECT_DUMP_BUFFER_FLUSH_SIZE": "100"})
-    app = subprocess.Popen([sys.executable, APP, str(handshake), "300"], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    app = subprocess.Popen([sys.executable, APP, str(handshake), "300"], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (handshake / "ready").exists() or app.poll() is not None, 60, "the app's first tasks")
         assert app.poll() is None, app.communicate()
@@ -68,8 +68,7 @@ def test_disk_full_mid_run_loses_and_doubles_nothing(small_disk: Path, tmp_path:
         data = process_file.read_bytes()
         assert not data or data.endswith(b"\n")
         filler.unlink()  # space again: the kept batches go out on the next write
-        (handshake / "go").write_text("")
-        stdout, stderr = app.communicate(timeout=60)
+        stdout, stderr = app.communicate("go\n", timeout=60)
     finally:
         if app.poll() is None:
             app.kill()

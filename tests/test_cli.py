@@ -22,21 +22,23 @@ with Flowcept(workflow_id=sys.argv[1], workflow_name="cli"):
 """
 
 
-def cli(tmp_path: Path, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+def user_env(tmp_path: Path, **extra: str) -> Dict[str, str]:
+    """A user's shell: no FLOWCEPT_* of the test run, a scratch HOME, the buffer in ``tmp_path``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("FLOWCEPT_")}
     environ.update({"HOME": str(tmp_path / "home"), "FLOWCEPT_PROJECT_DUMP_BUFFER_PATH":
                     str(tmp_path / "flowcept_buffer.jsonl"), "FLOWCEPT_DAEMON_JOBS_DIR": str(tmp_path / "jobs")})
-    environ.update(env or {})
-    return subprocess.run([sys.executable, "-m", "flowcept.cli", *args], cwd=tmp_path, env=environ,
-                          capture_output=True, text=True, timeout=120)
+    environ.update(extra)
+    return environ
+
+
+def cli(tmp_path: Path, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flowcept.cli", *args], cwd=tmp_path,
+                          env=user_env(tmp_path, **(env or {})), capture_output=True, text=True, timeout=120)
 
 
 def run_app(tmp_path: Path, workflow_id: str, n: int, activity: str, **env: str) -> None:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("FLOWCEPT_")}
-    environ.update({"HOME": str(tmp_path / "home"),
-                    "FLOWCEPT_PROJECT_DUMP_BUFFER_PATH": str(tmp_path / "flowcept_buffer.jsonl"), **env})
-    subprocess.run([sys.executable, "-c", APP, workflow_id, str(n), activity], cwd=tmp_path, env=environ,
-                   check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", APP, workflow_id, str(n), activity], cwd=tmp_path,
+                   env=user_env(tmp_path, **env), check=True, timeout=120)
 
 
 def test_version(tmp_path):
